@@ -1,0 +1,116 @@
+"""Strategy construction and the one cross-replica helper everything uses.
+
+`build_strategy` is called once, in `main`; library code only ever asks for the
+current strategy / replica context, so the same code runs on one device, several
+GPUs, several workers and TPU pods.
+"""
+
+import json
+import os
+from typing import Optional
+
+from absl import logging
+import tensorflow as tf
+
+from supcon_tf import enums
+
+
+def num_replicas_in_sync() -> int:
+  """Replicas of the current strategy (1 outside any strategy)."""
+  return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def in_cross_replica_gather_context() -> bool:
+  """True inside a replica context of a strategy with more than one replica."""
+  ctx = tf.distribute.get_replica_context()
+  return ctx is not None and ctx.num_replicas_in_sync > 1
+
+
+def replica_id() -> tf.Tensor:
+  """Global index of this replica in its sync group, int32 scalar (0 outside)."""
+  ctx = tf.distribute.get_replica_context()
+  if ctx is None:
+    return tf.constant(0, tf.int32)
+  rid = ctx.replica_id_in_sync_group
+  return tf.cast(rid, tf.int32)
+
+
+def cross_replica_concat(tensor: tf.Tensor) -> tf.Tensor:
+  """Concatenates `tensor` from every replica along axis 0, in replica order.
+
+  Differentiable: the gradient reaching a replica's input is the sum over all
+  replicas of the gradients of the gathered copy at that replica's rows, which
+  is what makes a loss computed on the gathered batch exact under a strategy.
+
+  Args:
+    tensor: [local_batch, ...] on each replica.
+
+  Returns:
+    [num_replicas * local_batch, ...]; `tensor` itself outside a multi-replica
+    replica context.
+  """
+  if not in_cross_replica_gather_context():
+    return tensor
+  ctx = tf.distribute.get_replica_context()
+  return ctx.all_gather(tensor, axis=0)
+
+
+def _tf_config_has_cluster() -> bool:
+  raw = os.environ.get('TF_CONFIG', '')
+  if not raw:
+    return False
+  try:
+    cluster = json.loads(raw).get('cluster', {})
+  except json.JSONDecodeError as e:
+    raise ValueError(f'TF_CONFIG is not valid JSON: {e}') from e
+  return sum(len(v) for v in cluster.values()) > 1
+
+
+def resolve_strategy_type(strategy: enums.StrategyType,
+                          tpu: str) -> enums.StrategyType:
+  """Picks the concrete strategy for AUTO from the flags and the hardware."""
+  strategy = enums.parse_enum(enums.StrategyType, strategy)
+  if strategy != enums.StrategyType.AUTO:
+    return strategy
+  if tpu:
+    return enums.StrategyType.TPU
+  if _tf_config_has_cluster():
+    return enums.StrategyType.MULTI_WORKER
+  if len(tf.config.list_physical_devices('GPU')) > 1:
+    return enums.StrategyType.MIRRORED
+  return enums.StrategyType.ONE_DEVICE
+
+
+def build_strategy(strategy: enums.StrategyType = enums.StrategyType.AUTO,
+                   tpu: str = '',
+                   tpu_zone: Optional[str] = None,
+                   gcp_project: Optional[str] = None
+                   ) -> tf.distribute.Strategy:
+  """Builds the tf.distribute strategy (call once, before building models).
+
+  Args:
+    strategy: AUTO picks TPU when `tpu` is set, MultiWorkerMirrored when
+      TF_CONFIG names a cluster, Mirrored with more than one GPU, else one
+      device.
+    tpu: Cloud TPU name or grpc:// address (`'local'` for a TPU VM).
+    tpu_zone: GCE zone of the TPU.
+    gcp_project: GCP project of the TPU.
+
+  Returns:
+    The strategy.
+  """
+  kind = resolve_strategy_type(strategy, tpu)
+  logging.info('Building %s strategy.', kind.name)
+  if kind == enums.StrategyType.TPU:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+        tpu=tpu or None, zone=tpu_zone, project=gcp_project)
+    if tpu not in ('', 'local'):
+      tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+  if kind == enums.StrategyType.MULTI_WORKER:
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  if kind == enums.StrategyType.MIRRORED:
+    return tf.distribute.MirroredStrategy()
+  gpus = tf.config.list_logical_devices('GPU')
+  return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else '/cpu:0')
