@@ -25,6 +25,7 @@ setuptools.setup(
         'tensorflow>=2.16',
         'keras>=3',
         'tensorflow-datasets',
+        'tensorboard',  # tf.summary needs it; TF 2.21 no longer pulls it in.
         'absl-py',
         'numpy',
         'scikit-learn',

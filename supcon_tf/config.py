@@ -66,6 +66,9 @@ class LossConfig:
   positives_cap: int = -1
   label_smoothing: float = 0.0
   use_bias_weight_decay: bool = True
+  # Anchor samples per block of the memory-bounded loss (losses.supcon_loss
+  # chunk_size); 0 = all at once.
+  loss_chunk_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +278,8 @@ def validate(config: ExperimentConfig) -> None:
          f'(= {d.num_views}), got {l.positives_cap}.')
   _check(0.0 <= l.label_smoothing < 1.0, 'label_smoothing',
          f'must be in [0, 1), got {l.label_smoothing}.')
+  _check(l.loss_chunk_size >= 0, 'loss_chunk_size',
+         f'must be >= 0 (0 = no chunking), got {l.loss_chunk_size}.')
   _check(d.batch_size > 0, 'batch_size', f'must be > 0, got {d.batch_size}.')
   _check(d.eval_batch_size > 0, 'eval_batch_size',
          f'must be > 0, got {d.eval_batch_size}.')
@@ -407,6 +412,10 @@ def define_flags(fv: Optional[flags.FlagValues] = None) -> None:
                      'Label smoothing of the cross-entropy loss.')
   d.bool('use_bias_weight_decay', _L.use_bias_weight_decay,
                     'Include biases in weight decay.')
+  d.integer('loss_chunk_size', _L.loss_chunk_size,
+            'Compute the contrastive loss over blocks of this many anchor '
+            'samples per replica (memory O(N * chunk) instead of O(N^2)); '
+            '0 = all at once.')
   # Stages.
   for i, s in ((1, _S1), (2, _S2)):
     p = f'stage_{i}_'
@@ -600,7 +609,8 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
           summation_location=fv.summation_location,
           denominator_mode=fv.denominator_mode,
           positives_cap=fv.positives_cap, label_smoothing=fv.label_smoothing,
-          use_bias_weight_decay=fv.use_bias_weight_decay),
+          use_bias_weight_decay=fv.use_bias_weight_decay,
+          loss_chunk_size=fv.loss_chunk_size),
       data=DataConfig(
           dataset=resolve_dataset(fv.dataset, fv.input_fn),
           data_dir=fv.data_dir, batch_size=fv.batch_size,

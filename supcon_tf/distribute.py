@@ -52,6 +52,15 @@ def cross_replica_concat(tensor: tf.Tensor) -> tf.Tensor:
   if not in_cross_replica_gather_context():
     return tensor
   ctx = tf.distribute.get_replica_context()
+  if not tensor.device:
+    # MultiWorkerMirroredStrategy does not place replica ops on a device and
+    # its all_gather then has no destination ("destinations can not be
+    # empty"): pin the value to this replica's device.
+    worker_devices = ctx.strategy.extended.worker_devices
+    local_id = getattr(ctx, '_local_replica_id', 0)
+    local_id = local_id if isinstance(local_id, int) else 0
+    with tf.device(worker_devices[local_id % len(worker_devices)]):
+      tensor = tf.identity(tensor)
   return ctx.all_gather(tensor, axis=0)
 
 
@@ -114,3 +123,28 @@ def build_strategy(strategy: enums.StrategyType = enums.StrategyType.AUTO,
     return tf.distribute.MirroredStrategy()
   gpus = tf.config.list_logical_devices('GPU')
   return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else '/cpu:0')
+
+
+def worker_id(strategy: tf.distribute.Strategy) -> int:
+  """Index of this worker (task) in a multi-worker job; 0 otherwise."""
+  resolver = getattr(strategy, 'cluster_resolver', None)
+  if resolver is None or not getattr(resolver, 'task_type', None):
+    return 0
+  return int(resolver.task_id or 0)
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """Whether this process writes checkpoints, summaries and results.
+
+  Every worker of a MultiWorkerMirroredStrategy must take part in saving (the
+  save is collective), but only the chief's files are kept: `task_type` chief,
+  or worker 0 when the cluster has no chief.
+  """
+  resolver = getattr(strategy, 'cluster_resolver', None)
+  if resolver is None or not getattr(resolver, 'task_type', None):
+    return True
+  task_type = resolver.task_type
+  if task_type == 'chief':
+    return True
+  has_chief = 'chief' in resolver.cluster_spec().as_dict()
+  return task_type == 'worker' and not has_chief and worker_id(strategy) == 0

@@ -29,13 +29,9 @@ def _not_yet(mode):
 
 def _handlers():
   """Mode -> callable(config, strategy); imported lazily (TF is heavy)."""
+  from supcon_tf import modes  # pylint: disable=g-import-not-at-top
   handlers = {mode: _not_yet(mode) for mode in enums.Mode}
-  try:
-    from supcon_tf import train  # pylint: disable=g-import-not-at-top
-    handlers.update(train.MODE_HANDLERS)
-  except ImportError as e:
-    if getattr(e, 'name', '') != 'supcon_tf.train':
-      raise
+  handlers.update(modes.MODE_HANDLERS)
   return handlers
 
 
@@ -59,7 +55,9 @@ def main(argv):
   if FLAGS.dry_run:
     print(config.to_json())
     return 0
-  logging.info('Config:\n%s', config.to_json())
+  if not FLAGS['verbosity'].present:
+    # TF and Keras log a lot at INFO; our progress goes to stdout.
+    logging.set_verbosity(logging.WARNING)
   try:
     run(config)
   except NotImplementedError as e:

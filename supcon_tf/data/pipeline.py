@@ -1,0 +1,225 @@
+"""`build_dataset`: the one input pipeline, multi-view batches for every mode.
+
+Used as
+
+  strategy.distribute_datasets_from_function(
+      lambda ctx: pipeline.build_dataset(config, ctx, training=True))
+
+so each input pipeline (host) builds its own dataset of per-replica batches.
+
+Training: shard (in `datasets.load_split`) -> cache (small datasets) ->
+seeded shuffle -> repeat -> `num_views` independently augmented views of each
+image -> whiten -> cast -> batch (drop_remainder, static shapes for TPU/XLA)
+-> prefetch.
+
+Eval: shard -> one eval-preprocessed view -> whiten -> cast -> batch, keeping
+the last partial batch so that every eval example is scored exactly once (the
+reference drops it instead). The batch dimension is therefore not static in
+eval; a TPU eval step must pad or run the remainder separately.
+
+Value range of images: [0, 1] as produced by `augment.py`; when
+`augment.apply_whitening` is set and the dataset has whitening constants
+(`datasets.WHITENING`: cifar10, cifar100) images are
+(x - mean) / std, roughly zero-mean unit-variance, about [-2.5, 2.8] for
+CIFAR. For CIFAR-10 these whitened values equal the reference's exactly; the
+reference's un-whitened images are in [-1, 1] instead of our [0, 1].
+"""
+
+from typing import Optional, Tuple
+
+import tensorflow as tf
+
+from supcon_tf import config as config_lib
+from supcon_tf.data import augment
+from supcon_tf.data import datasets
+
+# Decoded datasets up to this size are cached in memory after the first epoch
+# (CIFAR: 150 MB), which removes tfds reading and decoding from later epochs.
+_MAX_CACHE_BYTES = 2 << 30
+# Cached datasets are shuffled fully up to this buffer (the reference uses
+# 50000 for CIFAR-10); others use the reference's ImageNet buffer, since their
+# decoded images are large and tfds stores examples pre-shuffled.
+_MAX_FULL_SHUFFLE = 50_000
+_STREAMING_SHUFFLE = 1024
+
+# Mixed into the seed of augmentation randomness so it is independent of the
+# shuffle and label-noise streams drawn from the same `DataConfig.seed`.
+_AUGMENT_SALT = 0xa06
+
+
+def steps_per_epoch(info: datasets.DatasetInfo, global_batch: int) -> int:
+  """Training steps of `global_batch` images in one pass over the train split.
+
+  Batches never straddle the remainder (drop_remainder), so this is the floor,
+  and at least 1 so that tiny debugging datasets still train.
+  """
+  if global_batch <= 0:
+    raise ValueError(f'global_batch must be > 0, got {global_batch}.')
+  return max(1, info.num_train_examples // global_batch)
+
+
+def per_replica_batch_size(
+    global_batch: int,
+    input_context: Optional[tf.distribute.InputContext]) -> int:
+  """Batch size one replica receives (the global batch without a context)."""
+  if input_context is None:
+    return global_batch
+  return input_context.get_per_replica_batch_size(global_batch)
+
+
+def output_dtype(config: config_lib.ExperimentConfig) -> tf.DType:
+  """bfloat16 when mixed precision is allowed, else float32."""
+  return tf.bfloat16 if config.augment.allow_mixed_precision else tf.float32
+
+
+def whitening_constants(
+    info: datasets.DatasetInfo,
+    augment_config: config_lib.AugmentConfig,
+) -> Optional[Tuple[tf.Tensor, tf.Tensor]]:
+  """(mean, std), float32 [3], if images are to be whitened, else None."""
+  if not augment_config.apply_whitening or not info.has_whitening:
+    return None
+  return (tf.constant(info.whitening_mean, tf.float32),
+          tf.constant(info.whitening_std, tf.float32))
+
+
+def finalize_images(images: tf.Tensor,
+                    whitening: Optional[Tuple[tf.Tensor, tf.Tensor]],
+                    dtype: tf.DType) -> tf.Tensor:
+  """Whitens (in float32, for accuracy) and casts preprocessed images.
+
+  Args:
+    images: float32 [..., 3] in [0, 1].
+    whitening: from `whitening_constants`, or None.
+    dtype: output dtype.
+
+  Returns:
+    `dtype` [..., 3].
+  """
+  if whitening is not None:
+    images = augment.whiten(images, *whitening)
+  return tf.cast(images, dtype)
+
+
+def _augment_seed(config: config_lib.ExperimentConfig,
+                  pipeline_id: int) -> tf.Tensor:
+  base = tf.constant([config.data.seed, _AUGMENT_SALT], tf.int64)
+  # Different hosts must not draw the same augmentations for their examples.
+  return tf.random.experimental.stateless_fold_in(base, pipeline_id)
+
+
+def train_views(image: tf.Tensor, augment_config: config_lib.AugmentConfig,
+                num_views: int, seed: tf.Tensor) -> tf.Tensor:
+  """`num_views` independent training augmentations of one image.
+
+  Args:
+    image: uint8 [height, width, 3].
+    augment_config: preprocessing options.
+    num_views: how many views.
+    seed: int [2] stateless seed of this example; view v uses
+      fold_in(seed, v), so the views differ and the result is reproducible.
+
+  Returns:
+    float32 [num_views, image_size, image_size, 3] in [0, 1].
+  """
+  size = augment_config.image_size
+  views = []
+  for v in range(num_views):
+    view_seed = tf.random.experimental.stateless_fold_in(seed, v)
+    view = augment.preprocess_for_train(image, augment_config, seed=view_seed)
+    views.append(tf.ensure_shape(view, [size, size, 3]))
+  return tf.stack(views, axis=0)
+
+
+def eval_view(image: tf.Tensor,
+              augment_config: config_lib.AugmentConfig) -> tf.Tensor:
+  """The eval crop of one image: float32 [image_size, image_size, 3]."""
+  size = augment_config.image_size
+  return tf.ensure_shape(
+      augment.preprocess_for_eval(image, augment_config), [size, size, 3])
+
+
+def _should_cache(info: datasets.DatasetInfo, num_examples: int) -> bool:
+  height, width, channels = info.image_shape
+  if height is None or width is None:
+    return False  # Variable-size images (ImageNet): too big to cache.
+  return num_examples * height * width * channels <= _MAX_CACHE_BYTES
+
+
+def build_dataset(
+    config: config_lib.ExperimentConfig,
+    input_context: Optional[tf.distribute.InputContext] = None,
+    training: bool = True,
+) -> tf.data.Dataset:
+  """Batches of preprocessed images and labels for one input pipeline.
+
+  Args:
+    config: the experiment config; uses `config.data` and `config.augment`.
+    input_context: from `strategy.distribute_datasets_from_function`, or None
+      (one pipeline, batches of the global batch size).
+    training: training batches (infinite, augmented multi-view) if True, else
+      eval batches (one pass, single eval view).
+
+  Returns:
+    Training: an infinite dataset of (images, labels) with images
+    [per_replica_batch, num_views, image_size, image_size, 3] and labels int32
+    [per_replica_batch], both with static shapes.
+    Eval: a finite dataset of (images, labels) with images
+    [<= per_replica_eval_batch, image_size, image_size, 3] and labels int32
+    [<= per_replica_eval_batch]; only the last batch may be smaller.
+    Images are bfloat16 if `config.augment.allow_mixed_precision` else
+    float32; see the module docstring for their value range.
+
+  Raises:
+    datasets.DatasetError: the dataset is unknown or not prepared.
+  """
+  data_config, augment_config = config.data, config.augment
+  info = datasets.get_dataset_info(data_config)
+  whitening = whitening_constants(info, augment_config)
+  dtype = output_dtype(config)
+  pipeline_id = input_context.input_pipeline_id if input_context else 0
+
+  ds = datasets.load_split(data_config, training, input_context)
+  num_local = int(ds.cardinality())
+  if num_local < 0:  # Unknown cardinality: assume the whole split.
+    num_local = (info.num_train_examples if training else
+                 info.num_eval_examples)
+
+  if training:
+    batch = per_replica_batch_size(data_config.batch_size, input_context)
+    if _should_cache(info, num_local):
+      ds = ds.cache()
+      buffer = min(num_local, _MAX_FULL_SHUFFLE)
+    else:
+      buffer = _STREAMING_SHUFFLE
+    # Sharded before this point (load_split), so shuffling never moves an
+    # example between hosts. The seed makes the order reproducible; a new
+    # order is drawn each epoch.
+    ds = ds.shuffle(max(buffer, 1), seed=data_config.seed,
+                    reshuffle_each_iteration=True)
+    ds = ds.repeat()
+    # A running example counter keys the stateless augmentation seeds, so the
+    # views are a function of (seed, host, position in the stream), whatever
+    # the map parallelism.
+    ds = ds.enumerate()
+    base_seed = _augment_seed(config, pipeline_id)
+    num_views = data_config.num_views
+
+    def train_map(index, example):
+      image, label = example
+      seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+      views = train_views(image, augment_config, num_views, seed)
+      return finalize_images(views, whitening, dtype), label
+
+    ds = ds.map(train_map, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch, drop_remainder=True)
+  else:
+    batch = per_replica_batch_size(data_config.eval_batch_size, input_context)
+
+    def eval_map(image, label):
+      return finalize_images(eval_view(image, augment_config), whitening,
+                             dtype), label
+
+    ds = ds.map(eval_map, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch, drop_remainder=False)
+  return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,68 @@
+"""`--mode` -> what runs: the one dispatch table of the command line.
+
+Each handler takes `(config, strategy)` and returns what the mode produces
+(metrics, a path, ...). Modules register here; `main.py` only dispatches.
+"""
+
+import os
+from typing import Any, Callable, Dict
+
+from supcon_tf import config as config_lib
+from supcon_tf import enums
+from supcon_tf import export
+from supcon_tf import train
+
+Handler = Callable[[config_lib.ExperimentConfig, Any], Any]
+
+
+def run_pretrain(config, strategy):
+  return train.train_stage(config, strategy, 1)
+
+
+def run_classifier(config, strategy):
+  return train.train_stage(config, strategy, 2)
+
+
+def run_train(config, strategy):
+  return {'pretrain': train.train_stage(config, strategy, 1),
+          'classifier': train.train_stage(config, strategy, 2)}
+
+
+def run_train_then_eval(config, strategy):
+  """Both stages, eval, then export (as the reference's train_then_eval)."""
+  run_train(config, strategy)
+  results = train.evaluate(config, strategy)
+  if train.distribute.is_chief(strategy):
+    export.export_saved_model(config, strategy)
+  return results
+
+
+def run_eval(config, strategy):
+  return train.evaluate(config, strategy)
+
+
+def run_export(config, strategy):
+  return export.export_saved_model(config, strategy)
+
+
+def run_show_augmentations(config, strategy):
+  del strategy
+  from supcon_tf.data import visualize  # pylint: disable=g-import-not-at-top
+  if not config.runtime.model_dir:
+    raise train.TrainingError(
+        '--model_dir is required for show_augmentations.')
+  path = visualize.save_augmentation_grid(
+      config, os.path.join(config.runtime.model_dir, 'augmentations.png'))
+  print(f'[show_augmentations] wrote {path}', flush=True)
+  return path
+
+
+MODE_HANDLERS: Dict[enums.Mode, Handler] = {
+    enums.Mode.PRETRAIN: run_pretrain,
+    enums.Mode.CLASSIFIER: run_classifier,
+    enums.Mode.TRAIN: run_train,
+    enums.Mode.TRAIN_THEN_EVAL: run_train_then_eval,
+    enums.Mode.EVAL: run_eval,
+    enums.Mode.EXPORT: run_export,
+    enums.Mode.SHOW_AUGMENTATIONS: run_show_augmentations,
+}

@@ -1,0 +1,470 @@
+"""Two-stage training, evaluation and the `--mode` handlers.
+
+Stage 1 (`--mode=pretrain`) trains the encoder and projection head with the
+contrastive loss (SupCon, or SimCLR with `use_labels=False`; the cross-entropy
+baseline when the stage-1 weights say so). Stage 2 (`--mode=classifier`)
+trains the classification head on the encoder restored from stage 1 (frozen
+by the stop-gradient before the classifier, as in the reference). Each stage
+has its own checkpoints, so a stage resumes where it stopped.
+
+The layout of `model_dir` is described in `checkpoints.py`.
+
+The per-replica step is small (forward, per-example losses reduced by the
+global batch, weight decay, gradients, apply); `steps_per_loop` steps run in
+one `tf.function` call; checkpoints, summaries and progress live in the host
+loop.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, Optional
+
+from absl import logging
+import keras
+import tensorflow as tf
+
+from supcon_tf import checkpoints
+from supcon_tf import config as config_lib
+from supcon_tf import distribute
+from supcon_tf import enums
+from supcon_tf import losses
+from supcon_tf import models
+from supcon_tf import optim
+from supcon_tf.data import augment
+from supcon_tf.data import datasets
+from supcon_tf.data import pipeline
+
+STAGE_DIRS = checkpoints.STAGE_DIRS
+
+
+class TrainingError(RuntimeError):
+  """Training cannot start or continue; the message says why."""
+
+
+# -----------------------------------------------------------------------------
+# Planning.
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+  """What one stage will do, derived from the config and the dataset."""
+  index: int  # 1 or 2.
+  stage: config_lib.StageConfig
+  global_batch: int
+  num_views: int
+  steps_per_epoch: float  # num_train / global_batch, as the reference.
+  total_steps: int
+
+  @property
+  def name(self) -> str:
+    return STAGE_DIRS[self.index]
+
+
+def plan_stage(config: config_lib.ExperimentConfig,
+               info: datasets.DatasetInfo, index: int) -> StagePlan:
+  """Steps and views of stage `index` (1 or 2)."""
+  stage = config.stage_1 if index == 1 else config.stage_2
+  global_batch = config.data.batch_size
+  if info.num_train_examples < global_batch:
+    raise TrainingError(
+        f'--batch_size={global_batch} is larger than the training set '
+        f'({info.num_train_examples} images of {info.name}); lower it.')
+  steps_per_epoch = info.num_train_examples / global_batch
+  total = int(stage.epochs * steps_per_epoch)
+  if config.runtime.max_train_steps:
+    total = min(total, config.runtime.max_train_steps)
+  # The classifier reads view 0 only; without a contrastive term there is no
+  # use for more views (the reference computes them anyway).
+  num_views = config.data.num_views if stage.contrastive_loss_weight > 0 else 1
+  return StagePlan(index, stage, global_batch, num_views, steps_per_epoch,
+                   total)
+
+
+def stage_config(config: config_lib.ExperimentConfig,
+                 plan: StagePlan) -> config_lib.ExperimentConfig:
+  """The config the stage's input pipeline is built from."""
+  if plan.num_views == config.data.num_views:
+    return config
+  return config.replace(data__num_views=plan.num_views,
+                        loss__positives_cap=-1)
+
+
+def _bn_layers(module) -> list:
+  """Every BatchNormalization layer inside `module` (recursively)."""
+  return [l for l in module._flatten_layers(include_self=True, recursive=True)  # pylint: disable=protected-access
+          if isinstance(l, keras.layers.BatchNormalization)]
+
+
+class _Progress:
+  """One status line with steps/s and ETA; rewritten in place on a terminal."""
+
+  def __init__(self, name: str, total: int, start: int):
+    self.name, self.total, self.start = name, total, start
+    self.t0 = time.time()
+    self.tty = sys.stdout.isatty()
+
+  def update(self, step: int, metrics: Dict[str, float], lr: float):
+    elapsed = time.time() - self.t0
+    rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
+    eta = (self.total - step) / rate if rate > 0 else float('nan')
+    width = 20
+    done = int(width * step / max(self.total, 1))
+    bar = '=' * done + '.' * (width - done)
+    shown = ' '.join(f'{k}={v:.4f}' for k, v in metrics.items())
+    line = (f'[{self.name}] {step}/{self.total} [{bar}] {shown} lr={lr:.4g} '
+            f'{rate:.2f} steps/s ETA {eta:.0f}s')
+    if self.tty:
+      end = '\n' if step >= self.total else ''
+      print('\r' + line, end=end, flush=True)
+    else:
+      print(line, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Training.
+
+
+class Trainer:
+  """Trains one stage under the current strategy.
+
+  Args:
+    config: the experiment config.
+    strategy: the tf.distribute strategy (built once, in main).
+    index: 1 (pretrain) or 2 (classifier).
+  """
+
+  def __init__(self, config: config_lib.ExperimentConfig,
+               strategy: tf.distribute.Strategy, index: int):
+    if not config.runtime.model_dir:
+      raise TrainingError('--model_dir is required for training.')
+    self.config = config
+    self.strategy = strategy
+    self.info = datasets.get_dataset_info(config.data)
+    self.plan = plan_stage(config, self.info, index)
+    self.stage = self.plan.stage
+    self.data_config = stage_config(config, self.plan)
+    self.is_chief = distribute.is_chief(strategy)
+    # Saving is collective under MultiWorkerMirroredStrategy: every worker
+    # saves, but only the chief's checkpoints are kept in model_dir; the
+    # others write to a scratch directory and resume from the chief's.
+    self.chief_ckpt_dir = checkpoints.stage_dir(config.runtime.model_dir,
+                                                index)
+    self.ckpt_dir = self.chief_ckpt_dir if self.is_chief else os.path.join(
+        config.runtime.model_dir, 'tmp',
+        f'worker_{distribute.worker_id(strategy)}', self.plan.name)
+    self.log_dir = os.path.join(config.runtime.model_dir, 'logs',
+                                self.plan.name)
+    self.defer_blur = (augment.should_defer_blur(config.augment) and
+                       self.plan.num_views > 1)
+    ws = config.warm_start
+    # As the reference: a model warm-started from a reference checkpoint runs
+    # batch norm in inference mode unless batch_norm_in_train_mode.
+    self.bn_training = not (ws.reference_ckpt and
+                            not ws.batch_norm_in_train_mode)
+
+    with strategy.scope():
+      self.model = checkpoints.build_model(config, self.info)
+      self.schedule = optim.build_schedule(self.stage, self.plan.global_batch,
+                                           self.plan.steps_per_epoch)
+      self.wd_vars = models.weight_decay_variables(
+          self.model,
+          use_encoder=self.stage.use_encoder_weight_decay,
+          use_projection_head=self.stage.use_projection_head_weight_decay,
+          use_classification_head=(
+              self.stage.use_classification_head_weight_decay),
+          include_bias=config.loss.use_bias_weight_decay)
+      optimizer = optim.build_optimizer(self.stage, self.schedule,
+                                        weight_decay_variables=self.wd_vars)
+      if self.model.encoder_compute_dtype == 'float16':
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+      self.optimizer = optimizer
+      # Build the slots eagerly: lazily inside tf.function they cannot be
+      # initialised under MirroredStrategy.
+      self.optimizer.build(self.model.trainable_variables)
+    self.train_vars = self.model.trainable_variables
+    self._freeze_encoder_bn_stats()
+
+    self.dataset = strategy.distribute_datasets_from_function(
+        lambda ctx: pipeline.build_dataset(self.data_config, ctx,
+                                           training=True))
+    self.iterator = iter(self.dataset)
+    self.checkpoint = tf.train.Checkpoint(model=self.model,
+                                          optimizer=self.optimizer)
+    self.manager = tf.train.CheckpointManager(
+        self.checkpoint, self.ckpt_dir,
+        max_to_keep=config.runtime.max_checkpoints_to_keep)
+    self._loop_fn = None
+
+  # --- set-up ---------------------------------------------------------------
+
+  def _freeze_encoder_bn_stats(self):
+    """`update_encoder_batch_norm=False`: batch statistics are still used for
+    normalisation (training mode) but the moving averages stay put, as the
+    reference's empty update_ops do. Momentum 1 keeps moving = moving."""
+    if self.stage.update_encoder_batch_norm:
+      return
+    for layer in _bn_layers(self.model.encoder):
+      layer.momentum = 1.0
+
+  def restore_or_initialize(self) -> int:
+    """Resumes this stage, or warm-starts it; returns the starting step."""
+    latest = checkpoints.latest_in(self.chief_ckpt_dir)
+    if latest:
+      self.checkpoint.read(latest).assert_existing_objects_matched()
+      step = int(self.optimizer.iterations.numpy())
+      logging.info('Resumed %s from %s at step %d.', self.plan.name, latest,
+                   step)
+      print(f'[{self.plan.name}] resuming from {latest} at step {step}',
+            flush=True)
+      return step
+    ws = self.config.warm_start
+    if ws.reference_ckpt:
+      path = checkpoints.resolve_checkpoint(ws.reference_ckpt)
+      if path is None:
+        raise TrainingError(
+            f'--reference_ckpt={ws.reference_ckpt}: no checkpoint found there.')
+      if not (ws.warm_start_encoder or ws.warm_start_projection_head or
+              ws.warm_start_classifier):
+        logging.warning('--reference_ckpt is set but no --warm_start_* flag: '
+                        'nothing is loaded from it.')
+      checkpoints.restore_parts(
+          self.model, path, ws.warm_start_encoder,
+          ws.warm_start_projection_head, ws.warm_start_classifier,
+          allow_missing=ws.ignore_missing_checkpoint_vars)
+      print(f'[{self.plan.name}] warm-started from {path}', flush=True)
+    elif self.plan.index == 2:
+      pretrained = checkpoints.latest_in(
+          checkpoints.stage_dir(self.config.runtime.model_dir, 1))
+      if pretrained is None:
+        raise TrainingError(
+            'The classifier stage needs a pretrained encoder: run '
+            '--mode=pretrain with the same --model_dir first, or pass '
+            '--reference_ckpt=DIR --warm_start_encoder.')
+      checkpoints.restore_parts(self.model, pretrained, encoder=True,
+                                projection_head=True, classifier=False)
+      print(f'[{self.plan.name}] encoder from {pretrained}', flush=True)
+    return 0
+
+  # --- the per-replica step -------------------------------------------------
+
+  def _replica_step(self, images, labels):
+    config, stage, plan = self.config, self.stage, self.plan
+    if self.defer_blur:
+      shape = tf.shape(images)
+      flat = tf.reshape(images, tf.concat([[-1], shape[2:]], axis=0))
+      flat = augment.batch_random_blur(flat, config.augment.blur_probability)
+      images = tf.reshape(flat, shape)
+    with tf.GradientTape() as tape:
+      outputs = self.model(images, training=self.bn_training)
+      logits = outputs[models.LOGITS]
+      if len(logits.shape) == 3:
+        logits = logits[:, 0]  # The reference's classifier reads view 0.
+      terms = {}
+      total = tf.constant(0.0)
+      if stage.contrastive_loss_weight > 0:
+        per_sample = losses.supcon_loss(
+            outputs[models.PROJECTION],
+            labels if config.loss.use_labels else None,
+            temperature=config.loss.temperature,
+            contrast_mode=config.loss.contrast_mode,
+            summation_location=config.loss.summation_location,
+            denominator_mode=config.loss.denominator_mode,
+            positives_cap=config.loss.positives_cap,
+            scale_by_temperature=config.loss.scale_by_temperature)
+        terms['contrastive_loss'] = (tf.reduce_sum(per_sample) /
+                                     plan.global_batch)
+        total += stage.contrastive_loss_weight * terms['contrastive_loss']
+      one_hot = tf.one_hot(labels, self.info.num_classes)
+      ce = keras.losses.categorical_crossentropy(
+          one_hot, logits, from_logits=True,
+          label_smoothing=config.loss.label_smoothing)
+      terms['cross_entropy_loss'] = tf.reduce_sum(ce) / plan.global_batch
+      if stage.cross_entropy_loss_weight > 0:
+        total += stage.cross_entropy_loss_weight * terms['cross_entropy_loss']
+      if (stage.weight_decay > 0 and
+          stage.optimizer != enums.Optimizer.LARS and self.wd_vars):
+        # Gradients are summed over replicas, so each adds its share.
+        replicas = self.strategy.num_replicas_in_sync
+        decay = stage.weight_decay * models.l2_weight_decay(self.wd_vars)
+        terms['weight_decay_loss'] = decay / replicas
+        total += decay / replicas
+      scaled = self.optimizer.scale_loss(total)
+    grads = tape.gradient(scaled, self.train_vars)
+    pairs = [(g, v) for g, v in zip(grads, self.train_vars) if g is not None]
+    self.optimizer.apply_gradients(pairs)
+    correct = tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)
+    terms['loss'] = total
+    terms['top_1_accuracy'] = tf.reduce_sum(correct) / plan.global_batch
+    return terms
+
+  def _make_loop(self):
+    """tf.function running `num_steps` steps; returns their mean metrics."""
+    strategy = self.strategy
+
+    def loop_fn(iterator, num_steps):
+      def one_step():
+        per_replica = strategy.run(self._replica_step, args=next(iterator))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                for k, v in per_replica.items()}
+      # The first step outside the loop defines the loop-carried structure.
+      sums = one_step()
+      for _ in tf.range(num_steps - 1):
+        sums = {k: v + w for (k, v), w in zip(sums.items(),
+                                               one_step().values())}
+      return {k: v / tf.cast(num_steps, tf.float32) for k, v in sums.items()}
+
+    return tf.function(loop_fn, jit_compile=None)
+
+  # --- the host loop --------------------------------------------------------
+
+  def train(self) -> Dict[str, float]:
+    """Runs the stage to its last step; returns the last metrics."""
+    plan, runtime = self.plan, self.config.runtime
+    step = self.restore_or_initialize()
+    if step >= plan.total_steps:
+      print(f'[{plan.name}] already complete ({step}/{plan.total_steps} '
+            'steps).', flush=True)
+      return {}
+    if self._loop_fn is None:
+      self._loop_fn = self._make_loop()
+    writer = (tf.summary.create_file_writer(self.log_dir) if self.is_chief
+              else tf.summary.create_noop_writer())
+    progress = _Progress(plan.name, plan.total_steps, step)
+    if self.is_chief:
+        print(f'[{plan.name}] {plan.total_steps} steps ({self.stage.epochs:g} '
+            f'epochs of {self.info.num_train_examples} {self.info.name} '
+            f'images, global batch {plan.global_batch}, {plan.num_views} '
+            f'view(s), {self.strategy.num_replicas_in_sync} replica(s))',
+            flush=True)
+    metrics: Dict[str, float] = {}
+    last_save = step
+    while step < plan.total_steps:
+      n = min(runtime.steps_per_loop, plan.total_steps - step,
+              runtime.summary_interval_steps -
+              step % runtime.summary_interval_steps,
+              runtime.save_interval_steps - step % runtime.save_interval_steps)
+      t0 = time.time()
+      out = self._loop_fn(self.iterator, tf.constant(n, tf.int32))
+      metrics = {k: float(v) for k, v in out.items()}
+      seconds = time.time() - t0
+      step = int(self.optimizer.iterations.numpy())
+      bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+      if bad:
+        raise FloatingPointError(
+            f'[{plan.name}] non-finite loss at step {step}: {bad} (all terms: '
+            f'{metrics}). The last checkpoint is kept; lower the learning '
+            'rate or check the inputs.')
+      lr = float(self.schedule(step - 1))
+      if step % runtime.summary_interval_steps == 0 or step >= plan.total_steps:
+        with writer.as_default(step=step):
+          for k, v in metrics.items():
+            tf.summary.scalar(k, v)
+          tf.summary.scalar('learning_rate', lr)
+          tf.summary.scalar('steps_per_second', n / max(seconds, 1e-9))
+          tf.summary.scalar('epoch', step / plan.steps_per_epoch)
+        writer.flush()
+      if (step % runtime.save_interval_steps == 0 or
+          step >= plan.total_steps):
+        self.manager.save(checkpoint_number=step)
+        last_save = step
+      if self.is_chief:
+        progress.update(step, metrics, lr)
+    if last_save != step:
+      self.manager.save(checkpoint_number=step)
+    if not self.is_chief:
+      tf.io.gfile.rmtree(self.ckpt_dir)  # Scratch copies of the chief's.
+    return metrics
+
+
+def train_stage(config: config_lib.ExperimentConfig,
+                strategy: tf.distribute.Strategy,
+                index: int) -> Dict[str, float]:
+  """Trains stage `index` unless it has no steps."""
+  stage = config.stage_1 if index == 1 else config.stage_2
+  if stage.epochs <= 0:
+    print(f'[{STAGE_DIRS[index]}] skipped: stage_{index}_epochs is 0.',
+          flush=True)
+    return {}
+  if distribute.is_chief(strategy):
+    checkpoints.write_config(config)
+  return Trainer(config, strategy, index).train()
+
+
+# -----------------------------------------------------------------------------
+# Evaluation.
+
+
+def evaluate(config: config_lib.ExperimentConfig,
+             strategy: tf.distribute.Strategy,
+             model: Optional[models.SupConModel] = None) -> Dict[str, Any]:
+  """Top-1 / top-5 accuracy and cross-entropy on the eval split.
+
+  Writes `model_dir/eval_results.json` and TensorBoard scalars.
+  """
+  info = datasets.get_dataset_info(config.data)
+  if model is None:
+    model = checkpoints.load_model_for_inference(config, info, strategy)
+  k5 = min(5, info.num_classes)
+  dataset = strategy.distribute_datasets_from_function(
+      lambda ctx: pipeline.build_dataset(config, ctx, training=False))
+
+  def replica_step(images, labels):
+    logits = model(images, training=False)[models.LOGITS]
+    ce = keras.losses.sparse_categorical_crossentropy(labels, logits,
+                                                      from_logits=True)
+    return {
+        'top_1': tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1),
+                                       tf.float32)),
+        'top_5': tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, k5),
+                                       tf.float32)),
+        'cross_entropy': tf.reduce_sum(ce),
+        'count': tf.cast(tf.shape(labels)[0], tf.float32),
+    }
+
+  @tf.function(reduce_retracing=True)
+  def step(batch):
+    per_replica = strategy.run(replica_step, args=batch)
+    return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+            for k, v in per_replica.items()}
+
+  sums = {'top_1': 0.0, 'top_5': 0.0, 'cross_entropy': 0.0, 'count': 0.0}
+  for i, batch in enumerate(dataset):
+    if config.runtime.max_eval_steps and i >= config.runtime.max_eval_steps:
+      break
+    for k, v in step(batch).items():
+      sums[k] += float(v)
+  if sums['count'] == 0:
+    raise TrainingError(f'The eval split of {info.name} is empty.')
+  checkpoint = checkpoints.latest_model_checkpoint(
+      config.runtime.model_dir) or ''
+  results = {
+      'top_1_accuracy': sums['top_1'] / sums['count'],
+      'top_5_accuracy': sums['top_5'] / sums['count'],
+      'cross_entropy_loss': sums['cross_entropy'] / sums['count'],
+      'num_examples': int(sums['count']),
+      'dataset': info.name,
+      'split': info.eval_split,
+      'checkpoint': checkpoint,
+  }
+  model_dir = config.runtime.model_dir
+  if model_dir and distribute.is_chief(strategy):
+    tf.io.gfile.makedirs(model_dir)
+    path = os.path.join(model_dir, checkpoints.EVAL_RESULTS_FILE)
+    with tf.io.gfile.GFile(path, 'w') as f:
+      f.write(json.dumps(results, indent=2))
+    step_number = int(checkpoint.rsplit('-', 1)[-1]) if checkpoint else 0
+    writer = tf.summary.create_file_writer(os.path.join(model_dir, 'logs',
+                                                        'eval'))
+    with writer.as_default(step=step_number):
+      for k in ('top_1_accuracy', 'top_5_accuracy', 'cross_entropy_loss'):
+        tf.summary.scalar(k, results[k])
+    writer.flush()
+  print(f'[eval] {info.name}/{info.eval_split}: top-1 '
+        f'{results["top_1_accuracy"]:.4f}, top-5 '
+        f'{results["top_5_accuracy"]:.4f} on {results["num_examples"]} '
+        'images', flush=True)
+  return results
