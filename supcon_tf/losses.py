@@ -222,7 +222,36 @@ def _row_outer(row, mask):
   return (row[:, :, None] * mask[None])[:, :, None, :]
 
 
-def _contrast_terms(logits, own_logit, self_idx, masks, num_positives,
+def _self_setter(self_idx, self_diagonal):
+  """Returns set_self(x, value): x [A, block, V, G] with the anchors' own
+  entries replaced by the scalar `value`.
+
+  Args:
+    self_idx: int32 [A * block, 4] positions of the anchors' own entries.
+    self_diagonal: None, or an int32 scalar k such that the own entries are
+      exactly diagonal k of x viewed as [A * block, V * G] (one anchor view,
+      or all anchors on one device). Then set_diag writes them in place; a
+      TensorScatterUpdate copies the whole N x N tensor on CPU.
+  """
+  if self_diagonal is None:
+    num_self = tf.shape(self_idx)[:1]
+
+    def scatter(x, value):
+      return tf.tensor_scatter_nd_update(x, self_idx, tf.fill(num_self, value))
+
+    return scatter
+
+  def set_diagonal(x, value):
+    shape = tf.shape(x)
+    flat = tf.reshape(x, [shape[0] * shape[1], shape[2] * shape[3]])
+    flat = tf.linalg.set_diag(flat, tf.fill(tf.shape(flat)[:1], value),
+                              k=self_diagonal)
+    return tf.reshape(flat, shape)
+
+  return set_diagonal
+
+
+def _contrast_terms(logits, own_logit, set_self, masks, num_positives,
                     plan: _Plan):
   """The logits-reading part of the loss, with a hand-written gradient.
 
@@ -237,7 +266,7 @@ def _contrast_terms(logits, own_logit, self_idx, masks, num_positives,
     logits: float32 [A, block, V, G].
     own_logit: float32 [A, block] s_ii (soft labels only: their negatives
       include the anchor's own entry with weight 1 - y.y), else None.
-    self_idx: int32 [A * block, 4] positions of the anchors' own entries.
+    set_self: from `_self_setter`.
     masks: None (hard labels, no cap, L_out / ALL: no mask needed) or
       (positives [block, G], negatives [block, G], own_negative [block]).
     num_positives: float32 [A, block] |P(i)| (None without masks).
@@ -246,16 +275,14 @@ def _contrast_terms(logits, own_logit, self_idx, masks, num_positives,
   Returns:
     float32 [A, block] terms (see `_block_terms`).
   """
-  num_self = tf.shape(self_idx)[:1]
   soft = own_logit is not None
   outside = plan.summation == enums.LossSummationLocation.OUTSIDE
   denominator_mode = plan.denominator
 
   def forward(logits, own_logit):
     # The anchor is never in a sum: exp(-inf) = 0 removes it from all of them
-    # (a scatter of A * block values instead of an N x N mask product).
-    logits = tf.tensor_scatter_nd_update(
-        logits, self_idx, tf.fill(num_self, -math.inf))
+    # (A * block writes instead of an N x N mask product).
+    logits = set_self(logits, -math.inf)
     # Row max over the other samples for stability; it cancels from every
     # term, so it gets no gradient. A row with no other sample has -inf.
     shift = tf.reduce_max(logits, axis=[2, 3])
@@ -322,7 +349,7 @@ def _contrast_terms(logits, own_logit, self_idx, masks, num_positives,
     # The anchor's own entry is set to 1 so that it adds log 1 = 0 / 0 / 1.
     n = safe(negatives_sum)
     den = exp_logits + n[:, :, None, None]
-    den = tf.tensor_scatter_nd_update(den, self_idx, tf.ones(num_self))
+    den = set_self(den, 1.0)
     if outside:
       # -log(E/(E + N)) = log(E + N) - log E; sum_p log E_ip is the
       # numerator (minus |P| m_i), left to the caller.
@@ -332,8 +359,7 @@ def _contrast_terms(logits, own_logit, self_idx, masks, num_positives,
       def backward_one_positive_out(upstream):
         # t = 1/|P| sum_p log(E_p + N):  dt/dE_p = 1/(|P| (E_p + N)),
         # dt/dN = c = 1/|P| sum_p 1/(E_p + N), dN/ds_ij = neg_ij E_ij.
-        inverse = tf.tensor_scatter_nd_update(
-            1.0 / den, self_idx, tf.zeros(num_self))
+        inverse = set_self(1.0 / den, 0.0)
         c = _masked_row_sum(_sum_over_views(inverse), positives) / count
         weights = (inverse * _row_outer(upstream / count, positives) +
                    _row_outer(upstream * c, negatives))
@@ -376,8 +402,8 @@ def _contrast_terms(logits, own_logit, self_idx, masks, num_positives,
   return core(logits)
 
 
-def _block_terms(logits, anchors, contrast, rows, global_labels,
-                 plan: _Plan) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
+def _block_terms(logits, anchors, contrast, rows, global_labels, plan: _Plan,
+                 self_diagonal=None) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
   """Per-anchor loss terms of a block of anchor samples.
 
   Everything that reads the [A, block, V, G] logits happens here; the chunked
@@ -393,6 +419,7 @@ def _block_terms(logits, anchors, contrast, rows, global_labels,
       padding (their terms are garbage but finite).
     global_labels: None, [G] class ids or [G, K] soft labels.
     plan: static options.
+    self_diagonal: see `_self_setter`.
 
   Returns:
     terms: float32 [A, block]. For L_out with class-id labels and no cap,
@@ -428,8 +455,9 @@ def _block_terms(logits, anchors, contrast, rows, global_labels,
                                     tf.shape(logits)[:2])  # [A, block]
     masks = (positives, negatives, own_negative)
 
-  terms = _contrast_terms(logits, own_logit if soft else None, self_idx,
-                          masks, num_positives, plan)
+  terms = _contrast_terms(logits, own_logit if soft else None,
+                          _self_setter(self_idx, self_diagonal), masks,
+                          num_positives, plan)
 
   if numerator_here:
     # sum_p w_ip s_ip = <z_i, sum_g w[b, g] sum_v z_vg> - w[b, own] s_ii: one
@@ -741,17 +769,23 @@ def supcon_loss(features,
     terms, num_positives = _chunked_terms(anchors, contrast, offset,
                                           global_labels, plan, chunk_size)
   else:
-    if (not multi_replica and num_anchor_views == num_views and
-        not _in_xla_context()):
+    xla = _in_xla_context()
+    if not multi_replica and num_anchor_views == num_views and not xla:
       # Anchors and contrast are the same N samples: a Gram matrix.
-      scaled = tf.reshape(contrast, [-1, tf.shape(contrast)[2]]) * tf.math.rsqrt(
-          temperature)
+      scaled = tf.reshape(contrast, [-1, tf.shape(contrast)[2]]) * (
+          tf.math.rsqrt(temperature))
       logits = tf.reshape(_symmetric_gram(scaled),
                           tf.concat([tf.shape(contrast)[:2]] * 2, axis=0))
     else:
       logits = _logits(anchors, contrast)
+    # Row (a, b) meets itself at column (a, offset + b) of the flattened
+    # [A * B, V * G] logits: a single diagonal when A == 1 or G == B. (XLA
+    # wants a constant diagonal; its scatter is in place anyway.)
+    self_diagonal = None
+    if (num_anchor_views == 1 or not multi_replica) and not xla:
+      self_diagonal = offset
     terms, num_positives = _block_terms(logits, anchors, contrast, rows,
-                                        global_labels, plan)
+                                        global_labels, plan, self_diagonal)
 
   if plan.numerator_from_class_sums:
     numerator, num_positives = _class_sum_numerator(

@@ -10,16 +10,15 @@ at step 0 of its own stage (equivalent to the reference with the stage's
 Weight decay. With LARS the decay is applied inside the optimizer
 (`grad += weight_decay * w` for the selected variables), as the reference does.
 With every other optimizer the optimizer applies no decay: the training loop
-adds `weight_decay * l2_loss(selected variables)` to the loss (see
-`l2_weight_decay_loss`), again as the reference does. In both cases the selected
-variables are those of the sub-modules the stage's `use_*_weight_decay` flags
-name, less batch-norm parameters and (unless `include_bias`) biases: see
-`select_weight_decay_variables`.
+adds `weight_decay * l2_loss(selected variables)` to the loss, again as the
+reference does. In both cases the selected variables are those of the
+sub-modules the stage's `use_*_weight_decay` flags name, less batch-norm
+parameters and (unless `include_bias`) biases: see
+`supcon_tf.models.weight_decay_variables`.
 """
 
 import math
-from typing import (Any, Callable, Collection, Dict, Iterable, List, Mapping,
-                    Optional, Sequence, Union)
+from typing import Any, Callable, Collection, Dict, Optional, Sequence, Union
 
 import keras
 import numpy as np
@@ -443,7 +442,7 @@ def build_optimizer(
   `weight_decay_variables` only.
 
   Only LARS applies weight decay; for the others the training loop adds
-  `l2_weight_decay_loss(weight_decay_variables, stage.weight_decay)` to the
+  `stage.weight_decay * models.l2_weight_decay(weight_decay_variables)` to the
   loss (the reference does exactly this split). Keras' SGD applies the rate
   inside the momentum buffer where TF1's MomentumOptimizer applies it
   outside; the two agree for a constant rate and differ slightly while it
@@ -482,97 +481,3 @@ def build_optimizer(
           eta=LARS_ETA, weight_decay_variables=weight_decay_variables, **kw),
   }
   return factories[kind]()
-
-
-def _layer_exclusions(layer: keras.layers.Layer, include_bias: bool):
-  """Variables of `layer` itself that are never decayed."""
-  if isinstance(layer, keras.layers.BatchNormalization):
-    return list(layer.weights)
-  bias = getattr(layer, 'bias', None)
-  if not include_bias and isinstance(bias, keras.Variable):
-    return [bias]
-  return []
-
-
-def select_weight_decay_variables(
-    modules: Iterable[keras.layers.Layer], include_bias: bool) -> List[Any]:
-  """The trainable variables of `modules` that weight decay applies to.
-
-  The reference's rule, by layer type instead of name: all trainable
-  variables of the given sub-modules except every batch-normalization
-  parameter and, unless `include_bias`, the `bias` of every layer that has
-  one. Custom normalisation layers count as batch norm only if they subclass
-  `keras.layers.BatchNormalization`.
-
-  Args:
-    modules: the sub-modules whose stage flag enables decay (e.g. the encoder
-      and projection head in stage 1).
-    include_bias: the reference's `use_bias_weight_decay`.
-
-  Returns:
-    Variables in module order, without duplicates.
-  """
-  selected, seen, excluded = [], set(), set()
-  modules = list(modules)
-  for module in modules:
-    for layer in module._flatten_layers(include_self=True, recursive=True):  # pylint: disable=protected-access
-      excluded.update(id(v) for v in _layer_exclusions(layer, include_bias))
-  for module in modules:
-    for v in module.trainable_variables:
-      if id(v) not in excluded and id(v) not in seen:
-        seen.add(id(v))
-        selected.append(v)
-  return selected
-
-
-def stage_weight_decay_variables(
-    stage: config_lib.StageConfig, modules: Mapping[str, keras.layers.Layer],
-    include_bias: bool) -> List[Any]:
-  """The variables decayed in `stage`, chosen by the stage's flags.
-
-  Args:
-    stage: the stage's config (`use_encoder_weight_decay`,
-      `use_projection_head_weight_decay`,
-      `use_classification_head_weight_decay`).
-    modules: {'encoder': ..., 'projection_head': ...,
-      'classification_head': ...}; missing or None entries are skipped.
-    include_bias: the reference's `use_bias_weight_decay`.
-
-  Returns:
-    The selected variables (see `select_weight_decay_variables`).
-
-  Raises:
-    ValueError: on a module key other than the three above.
-  """
-  flags = {
-      'encoder': stage.use_encoder_weight_decay,
-      'projection_head': stage.use_projection_head_weight_decay,
-      'classification_head': stage.use_classification_head_weight_decay,
-  }
-  unknown = set(modules) - set(flags)
-  if unknown:
-    raise ValueError(f'Unknown sub-module(s) {sorted(unknown)}; allowed: '
-                     f'{", ".join(flags)}.')
-  chosen = [m for key, m in modules.items() if m is not None and flags[key]]
-  return select_weight_decay_variables(chosen, include_bias)
-
-
-def l2_weight_decay_loss(variables: Iterable[Any],
-                         weight_decay: float) -> tf.Tensor:
-  """`weight_decay * sum(||v||^2 / 2)`: the reference's loss-side decay.
-
-  Its gradient, `weight_decay * v`, is what LARS adds internally. Under a
-  strategy the optimizer sums gradients over replicas, so each replica adds
-  this divided by the number of replicas.
-
-  Args:
-    variables: float variables.
-    weight_decay: float coefficient.
-
-  Returns:
-    float32 scalar.
-  """
-  terms = [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in variables]
-  if not terms or weight_decay == 0:
-    return tf.constant(0.0, tf.float32)
-  return weight_decay * tf.add_n(terms)

@@ -53,7 +53,7 @@ def _main():
                                    rmsprop_epsilon=1e-3)
     schedule = optim.StageSchedule(1.0, steps_per_epoch=1.0, total_epochs=4.0,
                                    warmup_epochs=1.0)
-    chosen = optim.select_weight_decay_variables([model], include_bias=False)
+    chosen = [layer.kernel for layer in model.layers]  # Kernels, no biases.
     opt = optim.build_optimizer(stage, schedule, weight_decay_variables=chosen)
     if isinstance(opt, optim.LARS):
       # A larger trust coefficient so that adaptation visibly matters.

@@ -410,8 +410,7 @@ def test_lars_with_keras_model_variables():
       keras.Input((4,)), keras.layers.Dense(3),
       keras.layers.BatchNormalization(), keras.layers.Dense(2)])
   dense1, bn, dense2 = model.layers
-  chosen = optim.select_weight_decay_variables([model], include_bias=False)
-  assert [id(v) for v in chosen] == [id(dense1.kernel), id(dense2.kernel)]
+  chosen = [dense1.kernel, dense2.kernel]  # As models.weight_decay_variables.
   opt = optim.LARS(0.1, weight_decay=1e-2, weight_decay_variables=chosen)
   x = tf.random.stateless_normal((8, 4), seed=(1, 2))
 
@@ -510,41 +509,3 @@ def test_reference_rmsprop_starts_mean_square_at_one():
   config = opt.get_config()
   assert isinstance(optim.ReferenceRMSprop.from_config(config),
                     optim.ReferenceRMSprop)
-
-
-# --------------------------------------------------------------- weight decay
-
-
-def _heads():
-  encoder = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
-                              keras.layers.BatchNormalization()])
-  projection = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-  classifier = keras.Sequential([keras.Input((3,)), keras.layers.Dense(5)])
-  return encoder, projection, classifier
-
-
-def test_stage_weight_decay_variables_follow_stage_flags():
-  encoder, projection, classifier = _heads()
-  modules = {'encoder': encoder, 'projection_head': projection,
-             'classification_head': classifier}
-  stage = config_lib.StageConfig()  # Encoder and projection head only.
-  chosen = optim.stage_weight_decay_variables(stage, modules,
-                                              include_bias=True)
-  assert [id(v) for v in chosen] == [
-      id(encoder.layers[0].kernel), id(encoder.layers[0].bias),
-      id(projection.layers[0].kernel), id(projection.layers[0].bias)]
-  stage = config_lib.StageConfig(use_encoder_weight_decay=False,
-                                 use_projection_head_weight_decay=False,
-                                 use_classification_head_weight_decay=True)
-  chosen = optim.stage_weight_decay_variables(stage, modules,
-                                              include_bias=False)
-  assert [id(v) for v in chosen] == [id(classifier.layers[0].kernel)]
-  with pytest.raises(ValueError, match='decoder'):
-    optim.stage_weight_decay_variables(stage, {'decoder': encoder}, True)
-
-
-def test_l2_weight_decay_loss():
-  a, b = tf.Variable([3.0, 4.0]), tf.Variable([[1.0, 2.0]])
-  assert float(optim.l2_weight_decay_loss([a, b], 0.1)) == pytest.approx(
-      0.1 * (25.0 + 5.0) / 2)
-  assert float(optim.l2_weight_decay_loss([], 0.1)) == 0.0
