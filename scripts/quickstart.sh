@@ -1,12 +1,38 @@
 #!/usr/bin/env bash
-# End-to-end quickstart on the embedded digits dataset (no download): sets up
-# .venv if needed, then pretrains (SupCon), trains the classifier, evaluates and
-# exports, and prints the result. Extra arguments are passed as flags.
+# End-to-end quickstart on the embedded digits dataset (no download).
+#
+# Sets up .venv if needed, then for each method trains stage 1 (encoder +
+# projection head), stage 2 (classifier on the frozen encoder), evaluates on the
+# test split and exports a SavedModel -- SupCon, and the cross-entropy baseline
+# with the same epochs -- and prints their top-1 side by side.
+#
+#   bash scripts/quickstart.sh                       # SupCon vs cross-entropy
+#   QUICKSTART_METHODS="supcon cross_entropy simclr" bash scripts/quickstart.sh
+#   bash scripts/quickstart.sh --stage_1_epochs=5    # extra flags go to every run
+#
+# Runs land in runs/quickstart/<method> (QUICKSTART_DIR to change); a finished
+# run is not retrained (delete its directory to start over).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_venv.sh
-export TF_CPP_MIN_LOG_LEVEL=2
-model_dir="${MODEL_DIR:-$root/runs/quickstart}"
-exec .venv/bin/python -m supcon_tf.main --dataset=digits --dry_run \
-  --model_dir="$model_dir" "$@"
+export TF_CPP_MIN_LOG_LEVEL=3
+runs="${QUICKSTART_DIR:-$root/runs/quickstart}"
+methods="${QUICKSTART_METHODS:-supcon cross_entropy}"
+dirs=()
+for method in $methods; do
+  case "$method" in
+    supcon) flagfile=flags/quickstart_digits.cfg ;;
+    cross_entropy|simclr) flagfile="flags/quickstart_digits_${method}.cfg" ;;
+    *) echo "unknown method '$method' (supcon, cross_entropy, simclr)" >&2; exit 2 ;;
+  esac
+  echo "=== $method ($flagfile) ==="
+  start=$(date +%s)
+  .venv/bin/python -m supcon_tf.main --flagfile="$flagfile" \
+    --mode=train_then_eval --model_dir="$runs/$method" "$@"
+  echo $(( $(date +%s) - start )) > "$runs/$method/wall_time_s"
+  dirs+=("$runs/$method")
+done
+echo
+echo "=== Results on the digits test split (360 images) ==="
+.venv/bin/python -m supcon_tf.report "${dirs[@]}"

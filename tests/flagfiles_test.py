@@ -8,8 +8,6 @@ and `scripts/<name>.sh`, hard-coded below. Dry runs import no TensorFlow.
 """
 
 import glob
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -369,18 +367,9 @@ def test_quickstart_is_small():
 
 
 # -----------------------------------------------------------------------------
-# A real (tiny) training run through a paper flagfile. Needs the training code
-# (supcon_tf/train.py with MODE_HANDLERS); skipped until it exists.
+# A real (tiny) training run through a paper flagfile.
 
 
-def _training_available():
-  if importlib.util.find_spec('supcon_tf.train') is None:
-    return False
-  return hasattr(importlib.import_module('supcon_tf.train'), 'MODE_HANDLERS')
-
-
-@pytest.mark.skipif(not _training_available(),
-                    reason='needs supcon_tf/train.py with MODE_HANDLERS')
 def test_tiny_real_run_of_a_paper_flagfile(tmp_path):
   model_dir = tmp_path / 'run'
   env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2',

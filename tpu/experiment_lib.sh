@@ -124,10 +124,7 @@ experiment_main() {
   # 2. Train.
   local env_vars=() flags
   if [[ -n $(opt env) ]]; then
-    local IFS=,
-    # shellcheck disable=SC2206  # split on commas, validated by check_env
-    env_vars=($(opt env))
-    unset IFS
+    IFS=, read -r -a env_vars <<< "$(opt env)"  # Validated by check_env.
   fi
   flags=(--flagfile="$FLAGFILE" --data_dir="$data_dir" --model_dir="$model_dir")
   if [[ $kind == pod ]]; then
