@@ -31,7 +31,7 @@ setuptools.setup(
         'scikit-learn',
     ],
     extras_require={
-        'test': ['pytest', 'pytest-xdist'],
+        'test': ['pytest', 'pytest-timeout'],
         'plot': ['matplotlib'],
     },
     entry_points={

@@ -1,152 +1,501 @@
-"""Throughput of the augmentation policies and of the deferred blur.
+r"""Input pipeline throughput: our policies end to end, against Keras 3 and the
+TF Model Garden, and the deferred blur.
 
-Prints one table of images / second per training policy (and the eval crop),
-with the ratio to the IDENTITY policy (random crop + flip only), and one table
-for `batch_random_blur` (eager vs XLA) against in-pipeline blurring.
+Three tables, each measured in interleaved rounds (every configuration once
+per round, a fresh iterator each time, median over rounds), so that load from
+other processes on a shared machine hits all configurations alike:
 
-Synthetic uint8 images of --source_size pass through
-`augment.preprocess_for_train` inside `tf.data.Dataset.map` with stateless
-seeds, as `supcon_tf.data.pipeline` does, so the numbers are CPU input-pipeline
-costs per host. Example:
+1. Pipeline: `supcon_tf.data.pipeline.build_dataset` exactly as training
+   runs it (digits upscaled by the random resized crop to --sizes, shuffled,
+   repeated, 2 stateless-seeded views per image, batched, prefetched), per
+   augmentation type, with the ratio to IDENTITY (crop + flip only).
+2. Baselines: the policy alone on the same uint8 S x S images (uint8 in,
+   float32 [0, 1] batches out), ours against the same policy from Keras 3
+   (`keras.layers.RandAugment`; for SimCLR a `keras.layers.Pipeline` of
+   RandomFlip, RandomColorJitter, RandomGrayscale, RandomGaussianBlur) and from
+   the TF Model Garden (`official.vision.ops.augment.RandAugment` /
+   `AutoAugment('v0')`). Each runs the way its library intends: ours and the
+   Model Garden's per image in `Dataset.map` (as their input pipelines do),
+   Keras layers per batch (`Dataset.batch().map(layer)`, their documented
+   tf.data use, which amortises per-op overhead over the batch). These maps
+   run without parallel calls or prefetching, so that the CPU time of a timed
+   window is exactly the work of the batches it returns (with parallel calls,
+   batches computed ahead during the warm-up would be counted as free); this
+   is the cost per image, which is what a parallel pipeline divides among its
+   cores.
+3. Deferred blur: `augment.batch_random_blur` on a batch of views in the
+   train step (tf.function, XLA) against blurring each view in the pipeline
+   (sequential map, as in table 2).
 
-  python -m benchmarks.input_pipeline --image_size=224 --num_images=512
+Throughput is reported as images per CPU-second (the process's CPU time, all
+threads): on a machine shared with other jobs this is far steadier than
+wall-clock images/s, which is shown too. A dedicated host with n free cores
+reaches about n times the per-CPU-second figure when the pipeline scales.
+
+The Model Garden baseline needs `pip install --no-deps tf-models-official`
+(a benchmark-only dependency, not in setup.py); only
+`official/vision/ops/augment.py` is loaded, with stubs for its unused
+imports (`tf_keras`, detection configs), so no other package is pulled in.
+Without it those columns read n/a.
+
+  python -m benchmarks.input_pipeline            # about 5 min on 2 cores
+  python -m benchmarks.input_pipeline --quick    # about 2 min
+  python -m benchmarks.input_pipeline --sizes 224 --out ''   # on a TPU host
 """
 
 import argparse
+import datetime
+import importlib.util
+import os
+import platform
+import statistics
+import sys
 import time
-from typing import Callable, Dict, List, Tuple
+import types
+from typing import Callable, Dict, List, Optional, Tuple
 
-import numpy as np
-import tensorflow as tf
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from supcon_tf import enums
-from supcon_tf.config import AugmentConfig
-from supcon_tf.data import augment
+import keras  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+from supcon_tf import config as config_lib  # pylint: disable=g-import-not-at-top
+from supcon_tf import enums  # pylint: disable=g-import-not-at-top
+from supcon_tf.data import augment  # pylint: disable=g-import-not-at-top
+from supcon_tf.data import datasets  # pylint: disable=g-import-not-at-top
+from supcon_tf.data import pipeline  # pylint: disable=g-import-not-at-top
+
+tf.autograph.set_verbosity(0)
+A = enums.AugmentationType
+
+# Table 1 rows: (name, augmentation type, extra AugmentConfig fields). The
+# magnitudes are the flagfiles' (flags/*.cfg); RandAugment has no flagfile,
+# M = 9 is the usual ImageNet setting.
+PIPELINE_VARIANTS = (
+    ('identity (crop + flip)', A.IDENTITY, {}),
+    ('simclr, blur deferred', A.SIMCLR, {'augmentation_magnitude': 0.5}),
+    ('simclr, blur in pipeline', A.SIMCLR,
+     {'augmentation_magnitude': 0.5, 'defer_blurring': False}),
+    ('autoaugment', A.AUTOAUGMENT, {'augmentation_magnitude': 1.0}),
+    ('randaugment M=9', A.RANDAUGMENT, {'augmentation_magnitude': 9.0}),
+    ('stacked_randaugment', A.STACKED_RANDAUGMENT,
+     {'augmentation_magnitude': 1.0}),
+)
 
 
-def _dataset(images: np.ndarray, fn: Callable[[tf.Tensor, tf.Tensor],
-                                              tf.Tensor]) -> tf.data.Dataset:
-  """Endless stream of fn(image, stateless seed), as the train pipeline."""
-  ds = tf.data.Dataset.from_tensor_slices(images).repeat().enumerate()
-  base = tf.constant([0, 1], tf.int64)
-
-  def map_fn(index, image):
-    return fn(image, tf.random.experimental.stateless_fold_in(base, index))
-
-  return ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
-      tf.data.AUTOTUNE)
+# -----------------------------------------------------------------------------
+# Timing.
 
 
-def _images_per_second(ds: tf.data.Dataset, num_images: int,
-                       repeats: int) -> float:
-  """Best of `repeats` timings of `num_images` images from one iterator.
+class Candidate:
+  """One configuration: how to build its dataset / step and time a round."""
 
-  One iterator for all timings: instantiating the map function (large for
-  AutoAugment's 25 branches) is a one-off cost, not a per-image one.
-  """
-  iterator = iter(ds)
-  for _ in range(max(num_images // 4, 8)):  # Warm up threads and buffers.
-    next(iterator)
-  best = 0.
-  for _ in range(repeats):
+  def __init__(self, key: Tuple, images_per_item: int,
+               make_iterator: Callable[[], Callable[[], object]]):
+    self.key = key
+    self.images_per_item = images_per_item
+    self.make_iterator = make_iterator
+    self.cpu_rates: List[float] = []
+    self.wall_rates: List[float] = []
+
+  def time_round(self, warmup: int, items: int):
+    get_next = self.make_iterator()
+    for _ in range(warmup):  # Threads, buffers, cache fill, autotune.
+      _wait(get_next())
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(items):
+      out = get_next()
+    _wait(out)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    images = items * self.images_per_item
+    self.cpu_rates.append(images / max(cpu, 1e-9))
+    self.wall_rates.append(images / max(wall, 1e-9))
+    del get_next  # Stops the iterator's threads before the next candidate.
+
+  @property
+  def cpu_rate(self) -> float:
+    return statistics.median(self.cpu_rates)
+
+  @property
+  def wall_rate(self) -> float:
+    return statistics.median(self.wall_rates)
+
+
+def _wait(out):
+  first = tf.nest.flatten(out)[0]
+  if hasattr(first, 'numpy'):
+    first.numpy()
+
+
+def _dataset_iterator(make_dataset: Callable[[], tf.data.Dataset]):
+  """Builds the dataset once (tracing), a new iterator per round."""
+  dataset = make_dataset()
+
+  def make_iterator():
+    iterator = iter(dataset)
+    return lambda: next(iterator)
+  return make_iterator
+
+
+def _run_rounds(candidates: List[Candidate], rounds: int, warmup: int,
+                items: Callable[[Candidate], int], label: str):
+  for r in range(rounds):
     start = time.perf_counter()
-    for _ in range(num_images):
-      next(iterator)
-    best = max(best, num_images / (time.perf_counter() - start))
-  return best
+    for c in candidates:
+      c.time_round(warmup, items(c))
+    print(f'  {label}: round {r + 1}/{rounds} '
+          f'{time.perf_counter() - start:.0f} s', flush=True)
 
 
-def policy_table(args) -> List[Tuple[str, float]]:
-  h, w = args.source_size
-  images = np.random.RandomState(0).randint(
-      0, 256, (args.num_images, h, w, 3)).astype(np.uint8)
-  base = AugmentConfig(image_size=args.image_size, defer_blurring=True)
-  configs: Dict[str, AugmentConfig] = {
-      'identity (crop+flip)': AugmentConfig(
-          image_size=args.image_size,
-          augmentation_type=enums.AugmentationType.IDENTITY),
-      'simclr, blur deferred': AugmentConfig(
-          image_size=args.image_size,
-          augmentation_type=enums.AugmentationType.SIMCLR),
-      'simclr, blur in pipeline': AugmentConfig(
-          image_size=args.image_size,
-          augmentation_type=enums.AugmentationType.SIMCLR,
-          defer_blurring=False),
-      'simclr, pytorch jitter': AugmentConfig(
-          image_size=args.image_size,
-          augmentation_type=enums.AugmentationType.SIMCLR,
-          use_pytorch_color_jitter=True),
-      'simclr, warp p=0.5': AugmentConfig(
-          image_size=args.image_size,
-          augmentation_type=enums.AugmentationType.SIMCLR,
-          warp_probability=0.5),
-      'autoaugment': AugmentConfig(
-          image_size=args.image_size,
-          augmentation_type=enums.AugmentationType.AUTOAUGMENT,
-          augmentation_magnitude=1.0),
-      'randaugment M=9': AugmentConfig(
-          image_size=args.image_size,
-          augmentation_type=enums.AugmentationType.RANDAUGMENT,
-          augmentation_magnitude=9.),
-      'stacked randaugment': AugmentConfig(
-          image_size=args.image_size,
-          augmentation_type=enums.AugmentationType.STACKED_RANDAUGMENT,
-          augmentation_magnitude=1.0),
-  }
+# -----------------------------------------------------------------------------
+# Table 1: the real pipeline.
+
+
+def pipeline_candidates(sizes: List[int], batch: int) -> List[Candidate]:
+  candidates = []
+  for size in sizes:
+    for name, augmentation_type, extra in PIPELINE_VARIANTS:
+      config = config_lib.ExperimentConfig().replace(
+          data__dataset='digits', data__batch_size=batch, data__num_views=2,
+          augment__image_size=size,
+          augment__augmentation_type=augmentation_type,
+          **{f'augment__{k}': v for k, v in extra.items()})
+      candidates.append(Candidate(
+          ('pipeline', size, name), batch, _dataset_iterator(
+              lambda c=config: pipeline.build_dataset(c, None,
+                                                      training=True))))
+  return candidates
+
+
+# -----------------------------------------------------------------------------
+# Table 2: ours against Keras 3 and the TF Model Garden.
+
+
+class _Stub(types.ModuleType):
+  """A module whose every attribute is a stub (sub-module or class)."""
+
+  def __getattr__(self, name):
+    if name.startswith('__'):
+      raise AttributeError(name)
+    if name[:1].islower():
+      return _Stub(f'{self.__name__}.{name}')
+    return type(name, (), {})
+
+
+def load_model_garden_augment() -> Tuple[Optional[types.ModuleType], str]:
+  """`official/vision/ops/augment.py` alone, or (None, why not).
+
+  Importing it as `official.vision.ops.augment` would run
+  `official/vision/__init__.py`, which needs tf_keras, gin, yaml and more; the
+  file itself only uses them in detection ops that are not run here.
+  """
+  spec = importlib.util.find_spec('official')
+  if spec is None or not spec.submodule_search_locations:
+    return None, 'tf-models-official not installed'
+  path = os.path.join(list(spec.submodule_search_locations)[0], 'vision',
+                      'ops', 'augment.py')
+  if not os.path.exists(path):
+    return None, f'{path} not found'
+  stubbed = ('tf_keras', 'official', 'official.vision',
+             'official.vision.configs', 'official.vision.configs.common',
+             'official.vision.ops', 'official.vision.ops.box_ops')
+  saved = {name: sys.modules.get(name) for name in stubbed}
+  for name in stubbed:
+    if saved[name] is None:
+      sys.modules[name] = _Stub(name)
+  try:
+    file_spec = importlib.util.spec_from_file_location(
+        '_model_garden_augment', path)
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except
+    return None, f'loading {path} failed: {e!r}'
+  finally:
+    for name, previous in saved.items():
+      if previous is None:
+        sys.modules.pop(name, None)
+  version = 'unknown'
+  try:
+    from importlib import metadata  # pylint: disable=g-import-not-at-top
+    version = metadata.version('tf-models-official')
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return module, version
+
+
+def _source_images(size: int, count: int = 256) -> np.ndarray:
+  """uint8 [count, size, size, 3]: digits, bilinearly upscaled."""
+  images, _ = datasets._digits_arrays()['train']  # pylint: disable=protected-access
+  images = tf.image.resize(images[:count].astype(np.float32), [size, size])
+  return np.clip(np.round(images.numpy()), 0, 255).astype(np.uint8)
+
+
+def _per_image(images: np.ndarray, batch: int,
+               fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]):
+  """fn(uint8 image, stateless seed) per image in Dataset.map, batched."""
+  def make():
+    base = tf.constant([0, 1], tf.int64)
+    ds = tf.data.Dataset.from_tensor_slices(images).repeat().enumerate()
+    ds = ds.map(lambda i, x: fn(
+        x, tf.random.experimental.stateless_fold_in(base, i)))
+    return ds.batch(batch)
+  return _dataset_iterator(make)
+
+
+def _per_batch(images: np.ndarray, batch: int, layer: keras.layers.Layer):
+  """A Keras preprocessing layer on float [0, 1] batches in Dataset.map."""
+  def make():
+    ds = tf.data.Dataset.from_tensor_slices(images).repeat().batch(batch)
+    return ds.map(lambda x: layer(tf.cast(x, tf.float32) / 255.))
+  return _dataset_iterator(make)
+
+
+def _ours_simclr(x, seed):
+  flip_seed, seed = augment.split_seed(seed, 2)
+  image = augment.random_flip(augment.to_float_image(x), flip_seed)
+  return augment.simclr_augment(image, strength=0.5, blur_probability=0.5,
+                                seed=seed)
+
+
+def _keras_simclr(size: int) -> keras.layers.Layer:
+  """SimCLR-like: flip, colour jitter (always), grayscale 0.2, blur 0.5."""
+  radius = augment.blur_radius(size)
+  layers = [
+      keras.layers.RandomFlip('horizontal'),
+      keras.layers.RandomColorJitter(
+          value_range=(0, 1), brightness_factor=0.4, contrast_factor=0.4,
+          saturation_factor=(0.3, 0.7), hue_factor=0.1),
+      keras.layers.RandomGrayscale(0.2),
+  ]
+  if radius > 0:
+    layers.append(keras.layers.RandomGaussianBlur(
+        factor=(0.5, 0.5), kernel_size=2 * radius + 1, sigma=(0.1, 2.0),
+        value_range=(0, 1)))
+  return keras.layers.Pipeline(layers)
+
+
+# (policy, implementation) -> what builds its candidate. Policies: the
+# paper's settings; RandAugment at M = 10 (Keras factor 1.0).
+BASELINE_POLICIES = ('randaugment N=2 M=10', 'autoaugment v0',
+                     'simclr (flip, jitter, gray, blur)')
+IMPLEMENTATIONS = ('ours', 'keras', 'model_garden')
+
+
+def baseline_candidates(sizes: List[int], batch: int,
+                        mg: Optional[types.ModuleType]) -> List[Candidate]:
+  candidates = []
+  to_float = augment.to_float_image
+  for size in sizes:
+    images = _source_images(size)
+    builders: Dict[Tuple[str, str], Callable] = {
+        (BASELINE_POLICIES[0], 'ours'): lambda: _per_image(
+            images, batch, lambda x, s: augment.randaugment(
+                to_float(x), 2, 10., seed=s)),
+        (BASELINE_POLICIES[0], 'keras'): lambda: _per_batch(
+            images, batch, keras.layers.RandAugment(
+                value_range=(0, 1), num_ops=2, factor=1.0)),
+        (BASELINE_POLICIES[1], 'ours'): lambda: _per_image(
+            images, batch, lambda x, s: augment.autoaugment(
+                to_float(x), seed=s)),
+        (BASELINE_POLICIES[2], 'ours'): lambda: _per_image(
+            images, batch, _ours_simclr),
+        (BASELINE_POLICIES[2], 'keras'): lambda: _per_batch(
+            images, batch, _keras_simclr(size)),
+    }
+    if mg is not None:
+      rand_augment = mg.RandAugment(num_layers=2, magnitude=10.)
+      auto_augment = mg.AutoAugment('v0')
+      builders[BASELINE_POLICIES[0], 'model_garden'] = lambda: _per_image(
+          images, batch,
+          lambda x, s: tf.cast(rand_augment.distort(x), tf.float32) / 255.)
+      builders[BASELINE_POLICIES[1], 'model_garden'] = lambda: _per_image(
+          images, batch,
+          lambda x, s: tf.cast(auto_augment.distort(x), tf.float32) / 255.)
+    for (policy, implementation), build in builders.items():
+      candidates.append(Candidate(('baseline', size, policy, implementation),
+                                  batch, build()))
+  return candidates
+
+
+# -----------------------------------------------------------------------------
+# Table 3: deferred blur.
+
+
+def blur_candidates(sizes: List[int], batch: int) -> List[Candidate]:
+  candidates = []
+  for size in sizes:
+    images = tf.random.stateless_uniform([batch, size, size, 3], [0, 0])
+
+    def in_pipeline(images=images):
+      def make():
+        base = tf.constant([0, 2], tf.int64)
+        ds = tf.data.Dataset.from_tensor_slices(images).repeat().enumerate()
+        ds = ds.map(lambda i, x: augment.random_apply(
+            lambda im, s: augment.random_gaussian_blur(im, seed=s), 0.5, x,
+            tf.random.experimental.stateless_fold_in(base, i)))
+        return ds.batch(batch)
+      return _dataset_iterator(make)
+
+    candidates.append(Candidate(('blur', size, 'in pipeline (tf.data map)'),
+                                batch, in_pipeline()))
+    for name, jit in (('deferred, tf.function', False),
+                      ('deferred, XLA', True)):
+      fn = tf.function(
+          lambda x, s: augment.batch_random_blur(x, 0.5, seed=s),
+          jit_compile=jit)
+      counter = [0]
+
+      def make_iterator(fn=fn, images=images, counter=counter):
+        def step():
+          counter[0] += 1
+          return fn(images, tf.constant([3, counter[0]], tf.int64))
+        return step
+      make_iterator()()  # Trace / compile outside the timing.
+      candidates.append(Candidate(('blur', size, name), batch,
+                                  make_iterator))
+  return candidates
+
+
+# -----------------------------------------------------------------------------
+# Tables.
+
+
+def _format(header: List[str], rows: List[List[str]]) -> str:
+  widths = [max(len(r[i]) for r in rows + [header])
+            for i in range(len(header))]
+
+  def line(row):
+    return '  '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(row, widths)))
+  return '\n'.join([line(header), line(['-' * w for w in widths])] +
+                   [line(r) for r in rows])
+
+
+def pipeline_table(results: Dict[Tuple, Candidate], sizes: List[int]) -> str:
+  header = ['augmentation']
+  for size in sizes:
+    header += [f'{size}px img/CPU-s', 'wall img/s', 'ratio']
   rows = []
-  for name, config in configs.items():
-    ds = _dataset(images, lambda x, s, c=config: augment.preprocess_for_train(
-        x, c, seed=s))
-    rows.append((name, _images_per_second(ds, args.num_images, args.repeats)))
-  ds = _dataset(images, lambda x, s: augment.preprocess_for_eval(x, base))
-  rows.append(('eval crop', _images_per_second(ds, args.num_images,
-                                               args.repeats)))
-  return rows
+  for name, _, _ in PIPELINE_VARIANTS:
+    row = [name]
+    for size in sizes:
+      c = results['pipeline', size, name]
+      base = results['pipeline', size, PIPELINE_VARIANTS[0][0]]
+      row += [f'{c.cpu_rate:.0f}', f'{c.wall_rate:.0f}',
+              f'{c.cpu_rate / base.cpu_rate:.2f}']
+    rows.append(row)
+  return _format(header, rows)
 
 
-def blur_table(args) -> List[Tuple[str, float]]:
-  size, batch = args.image_size, args.blur_batch
-  images = tf.random.uniform([batch, size, size, 3], seed=0)
-  eager = tf.function(lambda x: augment.batch_random_blur(x, 0.5))
-  xla = tf.function(lambda x: augment.batch_random_blur(x, 0.5),
-                    jit_compile=True)
+def baseline_table(results: Dict[Tuple, Candidate], sizes: List[int]) -> str:
+  header = ['policy', 'px', 'ours', 'keras', 'model garden', 'ours/keras',
+            'ours/mg']
   rows = []
-  for name, fn in (('batch_random_blur, tf.function', eager),
-                   ('batch_random_blur, XLA', xla)):
-    fn(images).numpy()  # Compile.
-    best = 0.
-    for _ in range(args.repeats):
-      start = time.perf_counter()
-      fn(images).numpy()
-      best = max(best, batch / (time.perf_counter() - start))
-    rows.append((name, best))
-  return rows
+  for size in sizes:
+    for policy in BASELINE_POLICIES:
+      rates = {}
+      for implementation in IMPLEMENTATIONS:
+        c = results.get(('baseline', size, policy, implementation))
+        rates[implementation] = c.cpu_rate if c else None
+
+      def show(rate):
+        return 'n/a' if rate is None else f'{rate:.0f}'
+
+      def ratio(other):
+        return ('n/a' if rates[other] is None else
+                f'{rates["ours"] / rates[other]:.2f}')
+      rows.append([policy, str(size), show(rates['ours']),
+                   show(rates['keras']), show(rates['model_garden']),
+                   ratio('keras'), ratio('model_garden')])
+  return _format(header, rows)
 
 
-def _print(title: str, rows: List[Tuple[str, float]], reference: float):
-  print(f'\n{title}')
-  print(f'{"":32s} {"images/s":>10s} {"ratio":>7s}')
-  for name, rate in rows:
-    print(f'{name:32s} {rate:10.1f} {rate / reference:7.2f}')
+def blur_table(results: Dict[Tuple, Candidate], sizes: List[int]) -> str:
+  header = ['blur p=0.5', 'px', 'radius', 'img/CPU-s', 'wall img/s',
+            'ratio']
+  rows = []
+  for size in sizes:
+    base = results['blur', size, 'in pipeline (tf.data map)']
+    for name in ('in pipeline (tf.data map)', 'deferred, tf.function',
+                 'deferred, XLA'):
+      c = results['blur', size, name]
+      rows.append([name, str(size), str(augment.blur_radius(size)),
+                   f'{c.cpu_rate:.0f}', f'{c.wall_rate:.0f}',
+                   f'{c.cpu_rate / base.cpu_rate:.2f}'])
+  return _format(header, rows)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--source_size', type=int, nargs=2, default=(375, 500),
-                      metavar=('H', 'W'), help='Synthetic input image size.')
-  parser.add_argument('--num_images', type=int, default=256)
-  parser.add_argument('--blur_batch', type=int, default=64)
-  parser.add_argument('--repeats', type=int, default=2)
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--quick', action='store_true',
+                      help='Smaller batches, 2 rounds (about 2 minutes).')
+  parser.add_argument('--sizes', type=int, nargs='+', default=[32, 224])
+  parser.add_argument('--rounds', type=int, default=None)
+  parser.add_argument('--tables', default='pipeline,baselines,blur')
+  parser.add_argument('--out', default='benchmarks/results/input_pipeline.txt',
+                      help="Where to save the tables; '' = do not save.")
   args = parser.parse_args()
-  print(f'image_size={args.image_size} source={args.source_size} '
-        f"num_images={args.num_images}")
-  rows = policy_table(args)
-  _print('Training policies (tf.data, per host; ratio to identity)', rows,
-         rows[0][1])
-  blur_rows = blur_table(args)
-  _print('Deferred blur per image (ratio to tf.function)', blur_rows,
-         blur_rows[0][1])
+  quick = args.quick
+  rounds = args.rounds or (2 if quick else 3)
+  tables = set(args.tables.split(','))
+  pipeline_batch = 32 if quick else 64
+  baseline_batch = 16 if quick else 32
+  load_start = os.getloadavg()[0]
+  start = time.perf_counter()
+
+  def items(c: Candidate) -> int:
+    # About the same work per candidate: fewer batches for big images.
+    size = c.key[1]
+    if quick:
+      return 2 if size <= 64 else 1
+    return 6 if size <= 64 else 2
+
+  mg, mg_info = load_model_garden_augment()
+  results: Dict[Tuple, Candidate] = {}
+  out = []
+  if 'pipeline' in tables:
+    candidates = pipeline_candidates(args.sizes, pipeline_batch)
+    _run_rounds(candidates, rounds, 1, items, 'pipeline')
+    results.update({c.key: c for c in candidates})
+    out += ['', f'1. Training pipeline: build_dataset on digits, 2 views, '
+            f'batch {pipeline_batch}; ratio = img/CPU-s over identity.',
+            pipeline_table(results, args.sizes)]
+  if 'baselines' in tables:
+    candidates = baseline_candidates(args.sizes, baseline_batch, mg)
+    _run_rounds(candidates, rounds, 1, items, 'baselines')
+    results.update({c.key: c for c in candidates})
+    out += ['', '2. Policy only, img/CPU-s (uint8 in, float32 batches of '
+            f'{baseline_batch} out); ours and the Model Garden per image in '
+            'Dataset.map, Keras layers per batch. ratio > 1: ours is faster.',
+            baseline_table(results, args.sizes)]
+  if 'blur' in tables:
+    blur_batch = 32 if quick else 64
+    candidates = blur_candidates(args.sizes, blur_batch)
+    _run_rounds(candidates, rounds, 1 if quick else 2, items, 'blur')
+    results.update({c.key: c for c in candidates})
+    out += ['', f'3. Gaussian blur of {blur_batch}-view batches, p = 0.5, '
+            'sigma ~ U(0.1, 2), radius = size // 20 (the reference); ratio '
+            'over in-pipeline.',
+            blur_table(results, args.sizes)]
+  header = (
+      f'# benchmarks/input_pipeline.py {"--quick" if quick else ""}: median '
+      f'of {rounds} interleaved rounds, {time.perf_counter() - start:.0f} s\n'
+      f'# {datetime.date.today()}  {platform.processor() or platform.machine()}'
+      f'  {os.cpu_count()} CPUs  TF {tf.__version__}  Keras '
+      f'{keras.__version__}  tf-models-official '
+      f'{mg_info if mg is not None else "n/a (" + mg_info + ")"}\n'
+      f'# load average {load_start:.1f} at the start, '
+      f'{os.getloadavg()[0]:.1f} at the end (1 min); img/CPU-s = images per '
+      'CPU-second of this process (steady under load), wall img/s = what '
+      'this shared machine gave.')
+  text = header + '\n' + '\n'.join(out) + '\n'
+  print('\n' + text)
+  if args.out:
+    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+    with open(args.out, 'w') as f:
+      f.write(text)
+    print(f'Written to {args.out}')
 
 
 if __name__ == '__main__':

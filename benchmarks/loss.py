@@ -11,11 +11,9 @@ other processes hits both alike; the table reports medians and
 ratio = ours / reference (lower is better).
 
   python -m benchmarks.loss                       # default grid, CPU
-  python -m benchmarks.loss --batch=4096 --reps=20 --out=benchmarks/results/loss.txt
+  python -m benchmarks.loss --reps=21 --out=benchmarks/results/loss.txt
   CUDA_VISIBLE_DEVICES=0 python -m benchmarks.loss --device=/GPU:0
-
-On TPU, run the same script on a TPU VM with --device=/TPU:0 (jit_compile is
-implied there; the "xla" rows are the relevant ones).
+  python -m benchmarks.loss --tpu=local      # on a Cloud TPU VM (XLA only)
 """
 
 import argparse
@@ -154,15 +152,28 @@ def _step(loss_fn, labels, kwargs, jit):
 
 
 def _time(step, features):
-  start = time.perf_counter()
+  """(wall seconds, process CPU seconds) of one call."""
+  start, start_cpu = time.perf_counter(), time.process_time()
   loss, grad = step(features)
   loss.numpy()
   grad.numpy()
-  return time.perf_counter() - start
+  return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def _use_tpu(args):
+  """Initialises the TPU system (as distribute.build_strategy does)."""
+  resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+      tpu=args.tpu)
+  if args.tpu != 'local':
+    tf.config.experimental_connect_to_cluster(resolver)
+  tf.tpu.experimental.initialize_tpu_system(resolver)
+  args.device, args.xla = '/TPU:0', 'on'  # TPU programs are always XLA.
 
 
 def run(args):
   """Prints (and returns) the table."""
+  if args.tpu:
+    _use_tpu(args)
   with tf.device(args.device):
     features, ids, one_hot = _inputs(args.batch, args.views, args.dim,
                                      args.num_classes)
@@ -171,12 +182,14 @@ def run(args):
   header = (f'supcon_loss forward+backward, batch {args.batch} x {args.views} '
             f'views x {args.dim} dims (N = {args.batch * args.views}), '
             f'{args.num_classes} classes, device {args.device}, '
-            f'median of {args.reps} interleaved repetitions (ms); '
-            f'ratio = ours / reference')
+            f'{os.cpu_count()} CPUs; median of {args.reps} interleaved '
+            f'repetitions, ms; ratio = ours / reference')
   lines = [header, '',
-           f'{"variant":36s} {"xla":>4s} {"reference":>10s} {"ours":>9s} '
-           f'{"ratio":>6s} {"max|dloss|":>11s}',
-           '-' * 81]
+           f'{"":36s} {"":>4s} {"wall":>23s} {"process CPU time":>23s}',
+           f'{"variant":36s} {"xla":>4s} {"reference":>9s} {"ours":>7s} '
+           f'{"ratio":>5s} {"reference":>9s} {"ours":>7s} {"ratio":>5s} '
+           f'{"max|dloss|":>10s}',
+           '-' * 99]
   print('\n'.join(lines), flush=True)
   for name in names:
     kwargs, kind = VARIANTS[name]
@@ -196,15 +209,20 @@ def run(args):
         for _ in range(args.reps):
           ref_t.append(_time(ref, features))
           ours_t.append(_time(ours, features))
-      r, o = statistics.median(ref_t), statistics.median(ours_t)
+      r, o = (statistics.median(t[0] for t in ref_t),
+              statistics.median(t[0] for t in ours_t))
+      r_cpu, o_cpu = (statistics.median(t[1] for t in ref_t),
+                      statistics.median(t[1] for t in ours_t))
       diff = float(tf.reduce_max(tf.abs(ref_loss - ours_loss)))
-      line = (f'{name:36s} {"on" if jit else "off":>4s} {r * 1e3:10.1f} '
-              f'{o * 1e3:9.1f} {o / r:6.2f} {diff:11.2e}')
+      line = (f'{name:36s} {"on" if jit else "off":>4s} {r * 1e3:9.1f} '
+              f'{o * 1e3:7.1f} {o / r:5.2f} {r_cpu * 1e3:9.1f} '
+              f'{o_cpu * 1e3:7.1f} {o_cpu / r_cpu:5.2f} {diff:10.2e}')
       lines.append(line)
       print(line, flush=True)
   lines.append('')
   lines.append('max|dloss|: largest per-sample loss difference between the '
-               'two (float32 rounding).')
+               'two (float32 rounding). Process CPU time (all threads) is '
+               'less sensitive than wall time to other load on shared cores.')
   text = '\n'.join(lines) + '\n'
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -224,6 +242,8 @@ def main(argv=None):
   parser.add_argument('--xla', choices=['off', 'on', 'both'], default='both')
   parser.add_argument('--variants', choices=['quick', 'all'], default='all')
   parser.add_argument('--device', default='/CPU:0')
+  parser.add_argument('--tpu', default='',
+                      help='TPU name or grpc address, "local" on a TPU VM.')
   parser.add_argument('--out', default='')
   run(parser.parse_args(argv))
 

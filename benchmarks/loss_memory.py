@@ -1,26 +1,27 @@
-r"""Peak host memory of `supcon_loss` forward + backward, dense vs chunked.
+r"""Peak memory of `supcon_loss` forward + backward, dense vs chunked.
 
-Each configuration runs in its own subprocess (TensorFlow never returns freed
-host memory to the OS, so one process per measurement is the only clean
-reading). A child builds the inputs, warms up the TF runtime on a tiny batch,
-records its resident set (VmRSS), runs forward + backward once in a
-tf.function and reports its peak resident set (VmHWM from /proc/self/status;
-ru_maxrss from wait4 as a fallback). The table reports
+Each configuration runs in its own subprocess (a process's freed host memory
+is not reliably returned to the OS, so one process per measurement is the
+only clean reading). A child builds the inputs, warms up the TF runtime on a
+tiny batch, runs forward + backward twice in a tf.function and reports:
 
-  peak - baseline,
+  rss: its peak resident set (VmHWM from /proc/self/status) minus that of a
+    baseline child that does everything but the big loss (imports, inputs,
+    runtime warm-up): what the loss costs the process, allocator slack and
+    oneDNN scratch included. Median over --reps children.
+  tf: the peak bytes of TensorFlow's own allocator during the loss, from
+    tf.config.experimental.get_memory_info (on the CPU the child runs with
+    TF_CPU_ALLOCATOR_USE_BFC=true, which keeps those statistics): the live
+    tensors alone, nearly deterministic. One child.
 
-where baseline is the peak of a child that does everything except the big
-loss (imports, inputs, runtime warm-up), so the number is the memory the loss
-itself needs. The median over --reps children is reported, and the ratio is
-against the dense `supcon_loss` in the same run.
+Ratios are to the dense `supcon_loss` of the same run.
 
   python -m benchmarks.loss_memory                     # 2 x 8192 x 128, CPU
-  python -m benchmarks.loss_memory --batch=4096 --chunks=256,1024 --reference
-  python -m benchmarks.loss_memory --out=benchmarks/results/loss_memory.txt
+  python -m benchmarks.loss_memory --batch=2048 --reference --append \
+      --out=benchmarks/results/loss_memory.txt
 
-On GPU/TPU, host RSS says nothing about device memory; there run
-`python -m benchmarks.loss_memory --device=/GPU:0`, which reads the device's
-peak from tf.config.experimental.get_memory_info instead (reset per child).
+On a GPU, `--device=/GPU:0`: the tf column is then the device's peak (the rss
+column still measures the host).
 """
 
 import argparse
@@ -47,7 +48,7 @@ def child(args):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from benchmarks import loss as loss_bench  # pylint: disable=g-import-not-at-top
+  from benchmarks import loss as loss_bench  # pylint: disable=g-import-not-at-top,line-too-long
   from supcon_tf import losses  # pylint: disable=g-import-not-at-top
 
   on_device = not args.device.upper().startswith('/CPU')
@@ -82,8 +83,11 @@ def child(args):
   with tf.device(args.device):
     tiny = make_step(labels[:8])
     tiny(features[:8])
-  if on_device:
-    tf.config.experimental.reset_memory_stats(args.device.strip('/'))
+  tf_peak_device = args.device.strip('/') if on_device else 'CPU:0'
+  tf_stats = on_device or os.environ.get('TF_CPU_ALLOCATOR_USE_BFC') == 'true'
+  if tf_stats:
+    tf.config.experimental.reset_memory_stats(tf_peak_device)
+    tf_before = tf.config.experimental.get_memory_info(tf_peak_device)
   before = _status_kib('VmRSS')
   seconds = 0.0
   if args.mode != 'baseline':
@@ -99,29 +103,31 @@ def child(args):
     loss = grad_norm = 0.0
   out = {'rss_before_kib': before, 'hwm_kib': _status_kib('VmHWM'),
          'loss': loss, 'grad_norm': grad_norm, 'seconds': seconds}
-  if on_device:
-    out['device_peak_bytes'] = tf.config.experimental.get_memory_info(
-        args.device.strip('/'))['peak']
+  if tf_stats:
+    # Peak bytes of TensorFlow's own allocator above what was live before.
+    out['tf_peak_bytes'] = tf.config.experimental.get_memory_info(
+        tf_peak_device)['peak'] - tf_before['current']
   print('RESULT ' + json.dumps(out), flush=True)
 
 
-def _run_child(args, mode, chunk):
+def _run_child(args, mode, chunk, tf_allocator_stats=False):
+  """Runs one child; returns its RESULT dict."""
   cmd = [sys.executable, '-m', 'benchmarks.loss_memory', '--child',
          f'--mode={mode}', f'--chunk={chunk}', f'--batch={args.batch}',
          f'--views={args.views}', f'--dim={args.dim}',
          f'--num_classes={args.num_classes}', f'--device={args.device}']
+  env = dict(os.environ)
+  if tf_allocator_stats:
+    # TF's BFC allocator on the CPU keeps peak-bytes statistics.
+    env['TF_CPU_ALLOCATOR_USE_BFC'] = 'true'
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True,
+                          text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(
                               os.path.abspath(__file__))))
-  _, _, rusage = os.wait4(proc.pid, 0)
-  stdout, stderr = proc.stdout.read(), proc.stderr.read()
+  stdout, stderr = proc.communicate()
   for line in stdout.splitlines():
     if line.startswith('RESULT '):
-      result = json.loads(line[len('RESULT '):])
-      if result['hwm_kib'] < 0:  # No /proc: Linux ru_maxrss is in KiB.
-        result['hwm_kib'] = rusage.ru_maxrss
-      return result
+      return json.loads(line[len('RESULT '):])
   raise RuntimeError(f'child {mode} chunk={chunk} failed:\n{stderr[-3000:]}')
 
 
@@ -132,55 +138,58 @@ def run(args):
   configs = [('dense', 0)] + [('chunked', c) for c in chunks]
   if args.reference:
     configs.append(('reference', 0))
-  results = {c: [] for c in [('baseline', 0)] + configs}
+  rss = {c: [] for c in [('baseline', 0)] + configs}
   # Interleave the repetitions so that slow drift (other processes) hits
   # every configuration alike.
   for _ in range(args.reps):
-    for config in results:
-      results[config].append(_run_child(args, *config))
+    for config in rss:
+      rss[config].append(_run_child(args, *config))
+  # One more child per configuration for TensorFlow's own allocator peak
+  # (deterministic up to op scheduling; on a device it is the device peak).
+  tf_peak = {c: _run_child(args, *c, tf_allocator_stats=True)['tf_peak_bytes']
+             / 2**20 for c in configs}
 
-  def peak_mib(result):
-    if on_device:
-      return result['device_peak_bytes'] / 2**20
-    return result['hwm_kib'] / 1024
-
-  baseline = statistics.median(peak_mib(r) for r in results[('baseline', 0)])
-  if on_device:
-    baseline = 0.0  # Device peaks were reset after the warm-up.
+  baseline = statistics.median(r['hwm_kib'] / 1024 for r in rss[('baseline', 0)])
   n = args.batch * args.views
-  dense_n2 = n * n * 4 / 2**20
-  header = (f'supcon_loss forward+backward peak memory, batch {args.batch} x '
-            f'{args.views} views x {args.dim} dims (N = {n}; one float32 '
-            f'N x N matrix = {dense_n2:.0f} MiB), {args.num_classes} classes, '
-            f'device {args.device}, median of {args.reps} processes; '
-            f'{"device peak" if on_device else "host VmHWM - baseline"} '
-            f'(baseline {baseline:.0f} MiB); ratio = / dense')
+  header = (
+      f'supcon_loss forward+backward peak memory, batch {args.batch} x '
+      f'{args.views} views x {args.dim} dims (N = {n}; one float32 N x N '
+      f'matrix = {n * n * 4 / 2**20:.0f} MiB), {args.num_classes} classes, '
+      f'device {args.device}.\n'
+      f'rss: host VmHWM of the process minus the baseline process '
+      f'({baseline:.0f} MiB), median of {args.reps} processes. '
+      f'tf: peak bytes of TensorFlow\'s allocator '
+      f'({"device" if on_device else "CPU BFC"}), one process. '
+      f'Ratios are to dense.')
   lines = [header, '',
-           f'{"configuration":24s} {"peak MiB":>9s} {"ratio":>6s} '
-           f'{"seconds":>8s} {"loss":>12s} {"|grad|":>10s}',
-           '-' * 74]
+           f'{"configuration":16s} {"rss MiB":>8s} {"ratio":>6s} '
+           f'{"tf MiB":>8s} {"ratio":>6s} {"seconds":>8s} {"loss":>11s} '
+           f'{"|grad|":>10s}',
+           '-' * 80]
   print('\n'.join(lines), flush=True)
-  dense = None
+  dense_rss = statistics.median(r['hwm_kib'] / 1024 - baseline
+                                for r in rss[('dense', 0)])
   for config in configs:
-    peaks = [peak_mib(r) - baseline for r in results[config]]
-    peak = statistics.median(peaks)
-    dense = peak if config[0] == 'dense' else dense
-    seconds = statistics.median(r['seconds'] for r in results[config])
-    first = results[config][0]
+    peak = statistics.median(r['hwm_kib'] / 1024 - baseline
+                             for r in rss[config])
+    seconds = statistics.median(r['seconds'] for r in rss[config])
+    first = rss[config][0]
     name = config[0] if not config[1] else f'chunked {config[1]}'
-    line = (f'{name:24s} {peak:9.0f} {peak / dense:6.3f} {seconds:8.2f} '
-            f'{first["loss"]:12.4f} {first["grad_norm"]:10.6f}')
+    line = (f'{name:16s} {peak:8.0f} {peak / dense_rss:6.3f} '
+            f'{tf_peak[config]:8.0f} '
+            f'{tf_peak[config] / tf_peak[("dense", 0)]:6.3f} '
+            f'{seconds:8.2f} {first["loss"]:11.3f} {first["grad_norm"]:10.5f}')
     lines.append(line)
     print(line, flush=True)
   lines.append('')
-  lines.append('seconds: second call (the first one traces). loss = sum of '
-               'per-sample losses, |grad| = norm of the gradient w.r.t. the '
-               'features: equal across configurations.')
+  lines.append('seconds: the second call (the first one traces), median. '
+               'loss = sum of per-sample losses and |grad| = norm of its '
+               'gradient w.r.t. the features, equal across configurations.')
   text = '\n'.join(lines) + '\n'
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      f.write(text)
+    with open(args.out, 'a' if args.append else 'w') as f:
+      f.write(text + ('\n' if args.append else ''))
   return text
 
 
@@ -197,6 +206,8 @@ def main(argv=None):
   parser.add_argument('--reps', type=int, default=3)
   parser.add_argument('--device', default='/CPU:0')
   parser.add_argument('--out', default='')
+  parser.add_argument('--append', action='store_true',
+                      help='Append the table to --out instead of replacing.')
   # Internal: one measurement.
   parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--mode', default='dense', help=argparse.SUPPRESS)

@@ -17,6 +17,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_venv.sh
 export TF_CPP_MIN_LOG_LEVEL=3
+noise='^(WARNING: All log messages before absl|[IW][0-9]{4} |E[0-9]{4} .*(cuInit|cuda))'
 runs="${QUICKSTART_DIR:-$root/runs/quickstart}"
 methods="${QUICKSTART_METHODS:-supcon cross_entropy}"
 dirs=()
@@ -28,8 +29,11 @@ for method in $methods; do
   esac
   echo "=== $method ($flagfile) ==="
   start=$(date +%s)
+  # TF's C++ start-up chatter (CUDA probing, oneDNN notes) is filtered from
+  # stderr; real errors and Python tracebacks still show.
   .venv/bin/python -m supcon_tf.main --flagfile="$flagfile" \
-    --mode=train_then_eval --model_dir="$runs/$method" "$@"
+    --mode=train_then_eval --model_dir="$runs/$method" "$@" \
+    2> >(grep -v -E "$noise" >&2)
   echo $(( $(date +%s) - start )) > "$runs/$method/wall_time_s"
   dirs+=("$runs/$method")
 done

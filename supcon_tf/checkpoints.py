@@ -12,10 +12,19 @@ Layout of `model_dir`:
 Checkpoints hold the model as `model` with its parts as `encoder`,
 `projection_head` and `classification_head`, so each part can be restored on
 its own (warm starts, the classifier stage, export).
+
+Integrity: restoring walks the checkpoints of a directory newest first and
+falls back, with a warning, past any that cannot be read (truncated, corrupt,
+an unreadable `checkpoint` state file); it fails only when checkpoints exist
+but none can be read. `config.json` is written atomically, and training refuses
+a model_dir whose config.json holds a different experiment (the differing
+fields are listed) unless `--override_config`.
 """
 
 import os
-from typing import Optional
+import re
+import sys
+from typing import Callable, Dict, List, Optional, Tuple
 
 from absl import logging
 import tensorflow as tf
@@ -29,9 +38,23 @@ CONFIG_FILE = 'config.json'
 EVAL_RESULTS_FILE = 'eval_results.json'
 EXPORT_DIR = 'export'
 
+# Config fields that may change between runs in one model_dir: how and where
+# a run executes, not what it trains.
+IGNORED_CONFIG_SECTIONS = ('runtime', 'analysis')
+IGNORED_CONFIG_FIELDS = ('data.data_dir', 'data.eval_batch_size')
+
+# What a checkpoint that cannot be read raises (a truncated data file raises
+# IndexError from the bundle reader, a corrupt one DataLossError, a truncated
+# index "not an sstable").
+_UNREADABLE = (tf.errors.OpError, ValueError, IndexError, EOFError, OSError)
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing or does not fit the model; the message says why."""
+
+
+class ConfigMismatchError(CheckpointError):
+  """model_dir holds another experiment's config.json."""
 
 
 def build_model(config: config_lib.ExperimentConfig,
@@ -49,9 +72,78 @@ def stage_dir(model_dir: str, index: int) -> str:
 
 def latest_in(directory: str) -> Optional[str]:
   """Newest checkpoint prefix in `directory`, or None."""
+  candidates = checkpoint_candidates(directory)
+  return candidates[0] if candidates else None
+
+
+def _checkpoint_number(prefix: str) -> int:
+  match = re.search(r'-(\d+)$', prefix)
+  return int(match.group(1)) if match else -1
+
+
+def checkpoint_candidates(directory: str) -> List[str]:
+  """Checkpoint prefixes in `directory`, newest (highest number) first.
+
+  The union of what the `checkpoint` state file lists and the prefixes with an
+  index file on disk, so a corrupt or missing state file (or a kill between
+  writing a checkpoint and updating the state file) loses nothing.
+  """
   if not directory or not tf.io.gfile.isdir(directory):
-    return None
-  return tf.train.latest_checkpoint(directory)
+    return []
+  prefixes = set()
+  state = tf.train.get_checkpoint_state(directory)  # None if unreadable.
+  if state is not None:
+    for path in (list(state.all_model_checkpoint_paths) +
+                 [state.model_checkpoint_path]):
+      if path:
+        prefixes.add(path if os.path.isabs(path) or '://' in path
+                     else os.path.join(directory, path))
+  for index in tf.io.gfile.glob(os.path.join(directory, '*.index')):
+    prefixes.add(index[:-len('.index')])
+  prefixes = [p for p in prefixes if tf.io.gfile.exists(p + '.index')]
+  return sorted(prefixes, key=lambda p: (_checkpoint_number(p), p),
+                reverse=True)
+
+
+def restore_newest(directory: str,
+                   restore_fn: Callable[[str], None]) -> Optional[str]:
+  """Calls `restore_fn(prefix)` on the newest checkpoint that restores.
+
+  Checkpoints that fail to restore (truncated, corrupt) are skipped with a
+  warning naming them and the error, and the next older one is tried.
+
+  Args:
+    directory: a checkpoint directory (e.g. model_dir/pretrain).
+    restore_fn: restores from a prefix; raises if it cannot be read.
+
+  Returns:
+    The prefix restored, or None if `directory` holds no checkpoint.
+
+  Raises:
+    CheckpointError: checkpoints exist but none could be restored.
+  """
+  failures = []
+  for prefix in checkpoint_candidates(directory):
+    try:
+      restore_fn(prefix)
+    except _UNREADABLE as e:
+      reason = f'{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}'
+      failures.append(f'{prefix} ({reason})')
+      message = (f'Checkpoint {prefix} cannot be restored ({reason}); trying '
+                 'the previous one.')
+      logging.warning(message)
+      print(f'warning: {message}', file=sys.stderr, flush=True)
+      continue
+    if failures:
+      print(f'warning: restored {prefix} instead of the newer unreadable '
+            f'{", ".join(failures)}.', file=sys.stderr, flush=True)
+    return prefix
+  if failures:
+    raise CheckpointError(
+        f'No checkpoint in {directory} can be restored: '
+        + '; '.join(failures) + '. Move the unreadable files away (to start '
+        'the stage over, move the whole directory).')
+  return None
 
 
 def resolve_checkpoint(path: str) -> Optional[str]:
@@ -112,44 +204,100 @@ def restore_parts(model: models.SupConModel, path: str, encoder: bool,
   status.expect_partial()  # Optimizer slots etc. are not wanted here.
 
 
+def experiment_diff(old: config_lib.ExperimentConfig,
+                    new: config_lib.ExperimentConfig
+                    ) -> Dict[str, Tuple[object, object]]:
+  """Fields that make `new` a different experiment than `old`.
+
+  As `config.diff`, without the sections and fields that only say how or
+  where a run executes (`IGNORED_CONFIG_SECTIONS`, `IGNORED_CONFIG_FIELDS`).
+  """
+  return {k: v for k, v in config_lib.diff(old, new).items()
+          if k.split('.', 1)[0] not in IGNORED_CONFIG_SECTIONS and
+          k not in IGNORED_CONFIG_FIELDS}
+
+
+def check_config(config: config_lib.ExperimentConfig) -> None:
+  """Refuses a model_dir whose config.json holds a different experiment.
+
+  Raises:
+    ConfigMismatchError: listing the differing fields, unless
+      `config.runtime.override_config`.
+  """
+  path = os.path.join(config.runtime.model_dir, CONFIG_FILE)
+  if not tf.io.gfile.exists(path):
+    return
+  with tf.io.gfile.GFile(path) as f:
+    text = f.read()
+  try:
+    old = config_lib.ExperimentConfig.from_json(text)
+  except (ValueError, KeyError, TypeError) as e:
+    logging.warning('Ignoring unreadable %s (it is rewritten): %s', path, e)
+    return
+  differing = experiment_diff(old, config)
+  if not differing:
+    return
+  lines = '\n'.join(f'  {k}: {a!r} in {CONFIG_FILE}, {b!r} now'
+                    for k, (a, b) in sorted(differing.items()))
+  if config.runtime.override_config:
+    logging.warning('--override_config: replacing %s; it differed in:\n%s',
+                    path, lines)
+    return
+  raise ConfigMismatchError(
+      f'--model_dir={config.runtime.model_dir} holds another experiment: its '
+      f'{CONFIG_FILE} differs in {len(differing)} field(s):\n{lines}\n'
+      'Use a new --model_dir, or pass --override_config to train here anyway.')
+
+
 def write_config(config: config_lib.ExperimentConfig) -> None:
-  """Writes model_dir/config.json (refusing another experiment's model_dir)."""
+  """Writes model_dir/config.json, atomically (refusing another experiment).
+
+  Raises:
+    ConfigMismatchError: see `check_config`.
+  """
   model_dir = config.runtime.model_dir
+  check_config(config)
   tf.io.gfile.makedirs(model_dir)
   path = os.path.join(model_dir, CONFIG_FILE)
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      try:
-        old = config_lib.ExperimentConfig.from_json(f.read())
-      except (ValueError, KeyError) as e:
-        logging.warning('Ignoring unreadable %s: %s', path, e)
-        old = None
-    if old is not None:
-      differing = {k: v for k, v in config_lib.diff(old, config).items()
-                   if not k.startswith('runtime.')}
-      if differing:
-        logging.warning('model_dir %s was used with a different config: %s',
-                        model_dir, differing)
-  with tf.io.gfile.GFile(path, 'w') as f:
+  tmp = path + '.tmp'
+  with tf.io.gfile.GFile(tmp, 'w') as f:
     f.write(config.to_json())
+  tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def load_model_for_inference(config: config_lib.ExperimentConfig,
                              info: datasets.DatasetInfo,
                              strategy: Optional[tf.distribute.Strategy] = None
                              ) -> models.SupConModel:
-  """The model with the newest weights in model_dir (or --reference_ckpt)."""
+  """The model with the newest weights in model_dir (or --reference_ckpt).
+
+  The newest readable checkpoint of the furthest stage is used; unreadable
+  newer ones of that stage are skipped with a warning (`restore_newest`).
+  """
   strategy = strategy or tf.distribute.get_strategy()
-  path = latest_model_checkpoint(config.runtime.model_dir)
-  if path is None:
-    path = resolve_checkpoint(config.warm_start.reference_ckpt)
-  if path is None:
+  model_dir = config.runtime.model_dir
+  reference = resolve_checkpoint(config.warm_start.reference_ckpt)
+  stage_dirs = [stage_dir(model_dir, i) for i in (2, 1)] if model_dir else []
+  stage_dirs = [d for d in stage_dirs if checkpoint_candidates(d)]
+  if not stage_dirs and reference is None:
+    if not model_dir:
+      raise CheckpointError(
+          f'--model_dir is required for --mode={config.runtime.mode.value} '
+          '(or --reference_ckpt=CHECKPOINT).')
     raise CheckpointError(
-        f'No checkpoint in --model_dir={config.runtime.model_dir!r}: train '
+        f'No checkpoint in --model_dir={model_dir!r}: train '
         'first (--mode=pretrain / classifier / train_then_eval).')
   with strategy.scope():
     model = build_model(config, info)
-  restore_parts(model, path, encoder=True, projection_head=True,
-                classifier=True)
+
+  def restore(prefix):
+    restore_parts(model, prefix, encoder=True, projection_head=True,
+                  classifier=True)
+
+  if stage_dirs:
+    path = restore_newest(stage_dirs[0], restore)
+  else:
+    path = reference
+    restore(path)
   logging.info('Loaded %s.', path)
   return model

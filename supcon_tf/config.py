@@ -69,6 +69,13 @@ class LossConfig:
   # Anchor samples per block of the memory-bounded loss (losses.supcon_loss
   # chunk_size); 0 = all at once.
   loss_chunk_size: int = 0
+  # Beyond the reference (docs/beyond_reference_training.md).
+  contrastive_loss: enums.ContrastiveLoss = enums.ContrastiveLoss.SUPCON
+  momentum: float = 0.999  # EMA of the key encoder (momentum queue).
+  queue_size: int = 0  # Keys in the momentum queue; 0 = off.
+  teacher: str = ''  # Distillation teacher SavedModel; empty = off.
+  teacher_temperature: float = 1.0
+  teacher_weight: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +132,10 @@ class AugmentConfig:
   crop_padding: int = 32
   warp_probability: float = 0.0
   allow_mixed_precision: bool = False  # bfloat16 images and compute.
+  random_flip: bool = True  # Not in the reference (which always flips).
+  # Label mixing in the stage-1 train step (data/mixing.py); not reference.
+  mix: enums.MixType = enums.MixType.NONE
+  mix_alpha: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +164,25 @@ class RuntimeConfig:
   use_xla: bool = False
   max_train_steps: int = 0  # Cap on steps per stage; 0 = epochs decide.
   max_eval_steps: int = 0  # Cap on eval batches; 0 = the whole test split.
+  # Reproducible training: op determinism and fixed seeds (see train.py).
+  deterministic: bool = False
+  # Train in a model_dir whose config.json holds a different experiment.
+  override_config: bool = False
+  # Replace a non-empty --export_dir.
+  overwrite: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisConfig:
+  """Options of the modes eval_knn, eval_corruptions and plot_embeddings."""
+  knn_k: Tuple[int, ...] = (20, 200)  # Neighbours of the weighted kNN vote.
+  knn_temperature: float = 0.07  # T of the exp(cos / T) votes (Wu et al.).
+  knn_chunk_size: int = 256  # Test embeddings scored per block; 0 = all.
+  # Empty = the 15 benchmark corruptions of Hendrycks & Dietterich.
+  corruptions: Tuple[str, ...] = ()
+  severities: Tuple[int, ...] = (1, 2, 3, 4, 5)
+  corruption_dataset: str = ''  # Empty = <dataset>_corrupted.
+  plot_max_points: int = 2000  # Test embeddings in the t-SNE plot.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +195,7 @@ class ExperimentConfig:
   stage_2: StageConfig = StageConfig(**STAGE_2_DEFAULTS)
   warm_start: WarmStartConfig = WarmStartConfig()
   runtime: RuntimeConfig = RuntimeConfig()
+  analysis: AnalysisConfig = AnalysisConfig()
 
   def replace(self, **sections) -> 'ExperimentConfig':
     """Returns a copy with whole sections or `section__field` values replaced.
@@ -326,6 +357,66 @@ def validate(config: ExperimentConfig) -> None:
     _check(getattr(r, name) > 0, name, f'must be > 0, got {getattr(r, name)}.')
   for name in ('max_train_steps', 'max_eval_steps'):
     _check(getattr(r, name) >= 0, name, f'must be >= 0, got {getattr(r, name)}.')
+  an = config.analysis
+  _check(len(an.knn_k) > 0 and all(k > 0 for k in an.knn_k), 'knn_k',
+         f'needs one or more positive neighbour counts, got {an.knn_k}.')
+  _check(an.knn_temperature > 0, 'knn_temperature',
+         f'must be > 0, got {an.knn_temperature}.')
+  _check(an.knn_chunk_size >= 0, 'knn_chunk_size',
+         f'must be >= 0 (0 = no chunking), got {an.knn_chunk_size}.')
+  _check(len(an.severities) > 0 and all(1 <= s <= 5 for s in an.severities),
+         'severities', f'each must be in 1..5, got {an.severities}.')
+  _check(an.plot_max_points >= 2, 'plot_max_points',
+         f'must be >= 2, got {an.plot_max_points}.')
+  _validate_beyond_reference(config)
+
+
+def _validate_beyond_reference(config: ExperimentConfig) -> None:
+  """GenSCL, label mixing, distillation and the momentum queue."""
+  l, a = config.loss, config.augment
+  genscl = l.contrastive_loss == enums.ContrastiveLoss.GENSCL
+  contrastive = config.stage_1.contrastive_loss_weight > 0
+  _check(a.mix_alpha > 0, 'mix_alpha', f'must be > 0, got {a.mix_alpha}.')
+  _check(not (a.mix != enums.MixType.NONE and contrastive and l.use_labels
+              and not genscl), 'contrastive_loss',
+         f'--mix={a.mix.value} gives soft (mixed) labels, which SupCon '
+         'cannot use (its positives need hard labels): pass '
+         '--contrastive_loss=genscl, or --mix=none, or '
+         '--stage_1_contrastive_loss_weight=0.')
+  _check(not genscl or l.use_labels, 'contrastive_loss',
+         'genscl needs labels (--use_labels); without them use supcon '
+         '(SimCLR).')
+  if genscl:
+    _check(l.positives_cap == -1, 'positives_cap',
+           'must be -1 with --contrastive_loss=genscl (no positives cap).')
+    _check(l.summation_location == enums.LossSummationLocation.OUTSIDE and
+           l.denominator_mode == enums.LossDenominatorMode.ALL,
+           'summation_location',
+           'GenSCL has one form (it generalises L_out with denominator '
+           'all): use --summation_location=outside --denominator_mode=all '
+           'with --contrastive_loss=genscl.')
+  _check(l.queue_size >= 0, 'queue_size',
+         f'must be >= 0 (0 = no queue), got {l.queue_size}.')
+  _check(0.0 <= l.momentum < 1.0, 'momentum',
+         f'must be in [0, 1), got {l.momentum}.')
+  if l.queue_size > 0:
+    _check(l.positives_cap == -1, 'positives_cap',
+           'must be -1 with --queue_size > 0 (capping is not defined for '
+           'queued keys).')
+  if genscl or l.queue_size > 0:
+    _check(l.loss_chunk_size == 0, 'loss_chunk_size',
+           'must be 0 with --contrastive_loss=genscl or --queue_size > 0 '
+           '(those losses are computed densely).')
+  _check(l.teacher_temperature > 0, 'teacher_temperature',
+         f'must be > 0, got {l.teacher_temperature}.')
+  _check(0.0 <= l.teacher_weight <= 1.0, 'teacher_weight',
+         f'must be in [0, 1], got {l.teacher_weight}.')
+  _check(not l.teacher or (genscl and contrastive) or
+         config.stage_1.cross_entropy_loss_weight > 0, 'teacher',
+         'the teacher\'s targets feed GenSCL and the cross-entropy, and this '
+         'run has neither in stage 1 (SupCon keeps hard labels): pass '
+         '--contrastive_loss=genscl or --stage_1_cross_entropy_loss_weight > '
+         '0.')
 
 
 # -----------------------------------------------------------------------------
@@ -334,6 +425,7 @@ def validate(config: ExperimentConfig) -> None:
 _M, _L, _D, _A = ModelConfig(), LossConfig(), DataConfig(), AugmentConfig()
 _S1, _S2 = StageConfig(), StageConfig(**STAGE_2_DEFAULTS)
 _W, _R = WarmStartConfig(), RuntimeConfig()
+_AN = AnalysisConfig()
 
 
 class _Definer:
@@ -361,185 +453,235 @@ def define_flags(fv: Optional[flags.FlagValues] = None) -> None:
   # Batch sizes (global, all replicas together).
   d.integer('batch_size', _D.batch_size, 'Global train batch size.')
   d.integer('eval_batch_size', _D.eval_batch_size,
-                       'Global eval batch size.')
+            'Global eval batch size.')
   # Architecture.
   d.enum('resnet_architecture', _M.architecture,
-             'Encoder architecture: resnet_v1 or resnext.')
+         'Encoder architecture: resnet_v1 or resnext.')
   d.integer('resnet_depth', _M.depth,
-                       f'ResNet depth, one of {VALID_RESNET_DEPTHS}.')
+            f'ResNet depth, one of {VALID_RESNET_DEPTHS}.')
   d.float('resnet_width', _M.width, 'ResNet width multiplier.')
   d.integer('first_conv_kernel_size', _M.first_conv_kernel_size,
-                       'Kernel of the stem conv: 7 for ImageNet, 3 for CIFAR.')
+            'Kernel of the stem conv: 7 for ImageNet, 3 for CIFAR.')
   d.integer('first_conv_stride', _M.first_conv_stride,
-                       'Stride of the stem conv: 2 for ImageNet, 1 for CIFAR.')
+            'Stride of the stem conv: 2 for ImageNet, 1 for CIFAR.')
   d.bool('use_initial_max_pool', _M.use_initial_max_pool,
-                    'Max-pool after the stem (ImageNet yes, CIFAR no).')
+         'Max-pool after the stem (ImageNet yes, CIFAR no).')
   d.list('projection_head_layers',
-                    [str(x) for x in _M.projection_head_layers],
-                    'Units of each dense layer of the projection head.')
+         [str(x) for x in _M.projection_head_layers],
+         'Units of each dense layer of the projection head.')
   d.bool('use_projection_batch_norm', _M.use_projection_batch_norm,
-                    'Batch norm in the projection head.')
+         'Batch norm in the projection head.')
   d.bool('use_projection_batch_norm_beta',
-                    _M.use_projection_batch_norm_beta,
-                    'Projection head batch norm has a beta (bias).')
+         _M.use_projection_batch_norm_beta,
+         'Projection head batch norm has a beta (bias).')
   d.bool('normalize_embedding', _M.normalize_embedding,
-                    'L2-normalise the encoder output before both heads.')
+         'L2-normalise the encoder output before both heads.')
   d.bool('zero_initialize_classifier', _M.zero_initialize_classifier,
-                    'Zero-init the classifier (else Glorot uniform).')
+         'Zero-init the classifier (else Glorot uniform).')
   d.bool('stop_gradient_before_classification_head',
-                    _M.stop_gradient_before_classification_head,
-                    'No gradient from the classifier into the encoder.')
+         _M.stop_gradient_before_classification_head,
+         'No gradient from the classifier into the encoder.')
   d.bool('stop_gradient_before_projection_head',
-                    _M.stop_gradient_before_projection_head,
-                    'No gradient from the projection head into the encoder.')
+         _M.stop_gradient_before_projection_head,
+         'No gradient from the projection head into the encoder.')
   d.bool('use_global_batch_norm', _M.use_global_batch_norm,
-                    'Batch-norm statistics reduced across all replicas.')
+         'Batch-norm statistics reduced across all replicas.')
   # Loss.
   d.bool('use_labels', _L.use_labels,
-                    'Labels define positives (SupCon); False = SimCLR.')
+         'Labels define positives (SupCon); False = SimCLR.')
   d.float('temperature', _L.temperature, 'Contrastive temperature.')
   d.bool('scale_by_temperature', _L.scale_by_temperature,
-                    'Multiply the contrastive loss by the temperature.')
+         'Multiply the contrastive loss by the temperature.')
   d.enum('contrast_mode', _L.contrast_mode, 'all_views or one_view.')
   d.enum('summation_location', _L.summation_location,
-             'outside (L_out, eq. 2) or inside (L_in, eq. 3).')
+         'outside (L_out, eq. 2) or inside (L_in, eq. 3).')
   d.enum('denominator_mode', _L.denominator_mode,
-             'all, one_positive or only_negatives.')
+         'all, one_positive or only_negatives.')
   d.integer('positives_cap', _L.positives_cap,
-                       'Max positives other than the anchor\'s own views; -1 '
-                       '= no cap. A multiple of num_views.')
+            'Max positives other than the anchor\'s own views; -1 '
+            '= no cap. A multiple of num_views.')
   d.float('label_smoothing', _L.label_smoothing,
-                     'Label smoothing of the cross-entropy loss.')
+          'Label smoothing of the cross-entropy loss.')
   d.bool('use_bias_weight_decay', _L.use_bias_weight_decay,
-                    'Include biases in weight decay.')
+         'Include biases in weight decay.')
   d.integer('loss_chunk_size', _L.loss_chunk_size,
             'Compute the contrastive loss over blocks of this many anchor '
             'samples per replica (memory O(N * chunk) instead of O(N^2)); '
             '0 = all at once.')
+  # Beyond the reference (docs/beyond_reference_training.md).
+  d.enum('contrastive_loss', _L.contrastive_loss,
+         'Stage-1 contrastive loss: supcon, or genscl (soft labels: needed '
+         'with --mix, uses --teacher targets).')
+  d.enum('mix', _A.mix,
+         'Label mixing of stage-1 batches: none, cutmix or mixup.')
+  d.float('mix_alpha', _A.mix_alpha,
+          'Beta(alpha, alpha) of the CutMix / Mixup lambda.')
+  d.string('teacher', _L.teacher,
+           'Distil from this SavedModel (our --mode=export output): targets '
+           '= (1 - w) labels + w softmax(teacher logits / T).')
+  d.float('teacher_temperature', _L.teacher_temperature,
+          'T softening the teacher logits.')
+  d.float('teacher_weight', _L.teacher_weight,
+          'w, the weight of the teacher in the targets.')
+  d.integer('queue_size', _L.queue_size,
+            'Momentum-encoder keys kept as extra contrast samples (MoCo-'
+            'style queue); 0 = off.')
+  d.float('momentum', _L.momentum,
+          'EMA momentum of the key encoder and projection head.')
   # Stages.
   for i, s in ((1, _S1), (2, _S2)):
     p = f'stage_{i}_'
     d.float(p + 'contrastive_loss_weight', s.contrastive_loss_weight,
-                       f'Contrastive loss weight in stage {i}.')
+            f'Contrastive loss weight in stage {i}.')
     d.float(p + 'cross_entropy_loss_weight',
-                       s.cross_entropy_loss_weight,
-                       f'Cross-entropy loss weight in stage {i}.')
+            s.cross_entropy_loss_weight,
+            f'Cross-entropy loss weight in stage {i}.')
     d.float(p + 'weight_decay', s.weight_decay,
-                       f'Weight decay coefficient in stage {i}.')
+            f'Weight decay coefficient in stage {i}.')
     d.bool(p + 'use_encoder_weight_decay',
-                      s.use_encoder_weight_decay,
-                      f'Decay encoder weights in stage {i}.')
+           s.use_encoder_weight_decay,
+           f'Decay encoder weights in stage {i}.')
     d.bool(p + 'use_projection_head_weight_decay',
-                      s.use_projection_head_weight_decay,
-                      f'Decay projection head weights in stage {i}.')
+           s.use_projection_head_weight_decay,
+           f'Decay projection head weights in stage {i}.')
     d.bool(p + 'use_classification_head_weight_decay',
-                      s.use_classification_head_weight_decay,
-                      f'Decay classification head weights in stage {i}.')
+           s.use_classification_head_weight_decay,
+           f'Decay classification head weights in stage {i}.')
     d.float(p + 'epochs', s.epochs, f'Epochs of stage {i}.')
     d.float(p + 'warmup_epochs', s.warmup_epochs,
-                       f'Linear learning-rate warmup epochs of stage {i}.')
+            f'Linear learning-rate warmup epochs of stage {i}.')
     d.float(p + 'base_learning_rate', s.base_learning_rate,
-                       f'Stage {i} learning rate per 256 images (scaled by '
-                       'batch_size / 256).')
+            f'Stage {i} learning rate per 256 images (scaled by '
+            'batch_size / 256).')
     d.enum(p + 'optimizer', s.optimizer,
-               'rmsprop, momentum, lars, adam or nesterov.')
+           'rmsprop, momentum, lars, adam or nesterov.')
     d.enum(p + 'learning_rate_decay', s.learning_rate_decay,
-               'cosine, exponential, piecewise_linear or no_decay.')
+           'cosine, exponential, piecewise_linear or no_decay.')
     d.float(p + 'decay_rate', s.decay_rate,
-                       'Decay factor (exponential and piecewise_linear).')
+            'Decay factor (exponential and piecewise_linear).')
     d.list(p + 'decay_boundary_epochs',
-                      [str(int(x)) for x in s.decay_boundary_epochs],
-                      'Epochs at which piecewise_linear decay steps.')
+           [str(int(x)) for x in s.decay_boundary_epochs],
+           'Epochs at which piecewise_linear decay steps.')
     d.float(p + 'epochs_per_decay', s.epochs_per_decay,
-                       'Epochs between exponential decays.')
+            'Epochs between exponential decays.')
     d.bool(p + 'update_encoder_batch_norm',
-                      s.update_encoder_batch_norm,
-                      f'Update encoder BN statistics in stage {i}.')
+           s.update_encoder_batch_norm,
+           f'Update encoder BN statistics in stage {i}.')
     d.float(p + 'rmsprop_epsilon', s.rmsprop_epsilon,
-                       'RMSProp epsilon.')
+            'RMSProp epsilon.')
   # Data.
   d.string('dataset', '',
-                      'tfds image classification dataset name, or "digits" '
-                      '(embedded, no download). Empty = --input_fn.')
+           'tfds image classification dataset name, or "digits" '
+           '(embedded, no download). Empty = --input_fn.')
   d.string('input_fn', 'imagenet',
-                      'Reference alias of --dataset (imagenet, cifar10, ...).')
+           'Reference alias of --dataset (imagenet, cifar10, ...).')
   d.string('data_dir', _D.data_dir, 'tfds data_dir.')
   d.integer('num_views', _D.num_views,
-                       'Augmented views per image in contrastive training.')
+            'Augmented views per image in contrastive training.')
   d.integer('num_images', _D.num_images,
-                       'Use only the first N training images; 0 = all.')
+            'Use only the first N training images; 0 = all.')
   d.float('label_noise_prob', _D.label_noise_prob,
-                     'Fraction of training labels replaced by random ones.')
+          'Fraction of training labels replaced by random ones.')
   d.bool('shard_per_host', _D.shard_per_host,
-                    'Shard the dataset between hosts.')
+         'Shard the dataset between hosts.')
   d.integer('seed', _D.seed, 'Random seed.')
   # Preprocessing.
   d.bool('allow_mixed_precision', _A.allow_mixed_precision,
-                    'bfloat16 (float16 on GPU) compute, float32 variables.')
+         'bfloat16 (float16 on GPU) compute, float32 variables.')
   d.integer('image_size', _A.image_size, 'Side of model inputs.')
   d.enum('augmentation_type', _A.augmentation_type,
-             'simclr, autoaugment, randaugment, stacked_randaugment or '
-             'identity.')
+         'simclr, autoaugment, randaugment, stacked_randaugment or '
+         'identity.')
   d.float('augmentation_magnitude', _A.augmentation_magnitude,
-                     'Augmentation strength (RandAugment m / SimCLR s).')
+          'Augmentation strength (RandAugment m / SimCLR s).')
   d.float('blur_probability', _A.blur_probability,
-                     'Probability of Gaussian blur (SimCLR policies).')
+          'Probability of Gaussian blur (SimCLR policies).')
   d.bool('defer_blurring', _A.defer_blurring,
-                    'Blur on the accelerator in the train step.')
+         'Blur on the accelerator in the train step.')
   d.bool('use_pytorch_color_jitter', _A.use_pytorch_color_jitter,
-                    'torchvision-style colour jitter.')
+         'torchvision-style colour jitter.')
   d.bool('apply_whitening', _A.apply_whitening,
-                    'Per-dataset mean/std whitening where known.')
+         'Per-dataset mean/std whitening where known.')
   d.list('crop_area_range', [str(x) for x in _A.crop_area_range],
-                    'Min,max fraction of the image area in a random crop.')
+         'Min,max fraction of the image area in a random crop.')
   d.enum('eval_crop_method', _A.eval_crop_method,
-             'resize_then_crop, crop_then_resize, crop_then_distort or '
-             'identity.')
+         'resize_then_crop, crop_then_resize, crop_then_distort or '
+         'identity.')
   d.integer('crop_padding', _A.crop_padding,
-                       'Padding of the eval centre crop.')
+            'Padding of the eval centre crop.')
   d.float('warp_probability', _A.warp_probability,
-                     'Probability of a random perspective warp.')
+          'Probability of a random perspective warp.')
+  d.bool('random_flip', _A.random_flip,
+         'Random left-right flips in training (off for digits, text, ...).')
   # Warm start.
   d.string('reference_ckpt', _W.reference_ckpt,
-                      'Checkpoint (dir or prefix) to warm-start from.')
+           'Checkpoint (dir or prefix) to warm-start from.')
   d.bool('warm_start_encoder', _W.warm_start_encoder,
-                    'Load encoder weights from --reference_ckpt.')
+         'Load encoder weights from --reference_ckpt.')
   d.bool('warm_start_projection_head', _W.warm_start_projection_head,
-                    'Load projection head weights from --reference_ckpt.')
+         'Load projection head weights from --reference_ckpt.')
   d.bool('warm_start_classifier', _W.warm_start_classifier,
-                    'Load classifier weights from --reference_ckpt.')
+         'Load classifier weights from --reference_ckpt.')
   d.bool('batch_norm_in_train_mode', _W.batch_norm_in_train_mode,
-                    'Batch norm in train mode when warm starting.')
+         'Batch norm in train mode when warm starting.')
   d.bool('ignore_missing_checkpoint_vars',
-                    _W.ignore_missing_checkpoint_vars,
-                    'Do not fail on variables missing from --reference_ckpt.')
+         _W.ignore_missing_checkpoint_vars,
+         'Do not fail on variables missing from --reference_ckpt.')
   # Runtime.
   d.enum('mode', _R.mode, ', '.join(m.value for m in enums.Mode) + '.')
   d.string('model_dir', _R.model_dir,
-                      'Checkpoints, summaries, config.json, results.')
+           'Checkpoints, summaries, config.json, results.')
   d.string('export_dir', _R.export_dir,
-                      'SavedModel directory (default model_dir/export).')
+           'SavedModel directory (default model_dir/export).')
   d.string('tpu', _R.tpu,
-                      'Cloud TPU name or grpc:// address; empty = no TPU.')
+           'Cloud TPU name or grpc:// address; empty = no TPU.')
   d.string('tpu_zone', _R.tpu_zone, 'GCE zone of the TPU.')
   d.string('gcp_project', _R.gcp_project, 'GCP project of the TPU.')
   d.enum('strategy', _R.strategy,
-             'auto, tpu, mirrored, multi_worker or one_device.')
+         'auto, tpu, mirrored, multi_worker or one_device.')
   d.integer('summary_interval_steps', _R.summary_interval_steps,
-                       'Steps between TensorBoard summaries.')
+            'Steps between TensorBoard summaries.')
   d.integer('save_interval_steps', _R.save_interval_steps,
-                       'Steps between checkpoints.')
+            'Steps between checkpoints.')
   d.integer('max_checkpoints_to_keep', _R.max_checkpoints_to_keep,
-                       'Checkpoints kept.')
+            'Checkpoints kept.')
   d.integer('steps_per_loop', _R.steps_per_loop,
-                       'Train steps per tf.function call.')
+            'Train steps per tf.function call.')
   d.bool('use_xla', _R.use_xla, 'jit_compile the train step.')
   d.integer('max_train_steps', _R.max_train_steps,
-                       'Cap on steps per stage; 0 = epochs decide.')
+            'Cap on steps per stage; 0 = epochs decide.')
   d.integer('max_eval_steps', _R.max_eval_steps,
-                       'Cap on eval batches; 0 = the whole test split.')
+            'Cap on eval batches; 0 = the whole test split.')
+  d.bool('deterministic', _R.deterministic,
+         'Reproducible training: enable TF op determinism and seed Python, '
+         'NumPy, TF and Keras with --seed before the model is built, so an '
+         'interrupted and resumed run equals an uninterrupted one.')
+  d.bool('override_config', _R.override_config,
+         'Train in a --model_dir whose config.json holds a different '
+         'experiment (the file is then replaced).')
+  d.bool('overwrite', _R.overwrite,
+         'Replace a non-empty --export_dir.')
+  # Analysis modes (eval_knn, eval_corruptions, plot_embeddings).
+  d.list('knn_k', [str(k) for k in _AN.knn_k],
+         'eval_knn: neighbour counts k of the weighted kNN vote.')
+  d.float('knn_temperature', _AN.knn_temperature,
+          'eval_knn: temperature T of the exp(cosine / T) vote weights.')
+  d.integer('knn_chunk_size', _AN.knn_chunk_size,
+            'eval_knn: test embeddings scored against the train bank per '
+            'block (memory chunk x num_train); 0 = all at once.')
+  d.list('corruptions', list(_AN.corruptions),
+         'eval_corruptions: corruptions to evaluate (e.g. gaussian_noise,fog);'
+         ' empty = the 15 of ImageNet-C / CIFAR-10-C.')
+  d.list('severities', [str(s) for s in _AN.severities],
+         'eval_corruptions: severities (1..5) to evaluate.')
+  d.string('corruption_dataset', _AN.corruption_dataset,
+           'eval_corruptions: tfds dataset of corrupted images; empty = '
+           '<dataset>_corrupted (cifar10_corrupted, imagenet2012_corrupted).')
+  d.integer('plot_max_points', _AN.plot_max_points,
+            'plot_embeddings: test embeddings in the t-SNE plot and '
+            'projector.')
   d.bool('dry_run', False,
-                    'Print the resolved config as JSON and exit.')
+         'Print the resolved config as JSON and exit.')
 
 
 def _float_list(name: str, values) -> Tuple[float, ...]:
@@ -610,7 +752,11 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
           denominator_mode=fv.denominator_mode,
           positives_cap=fv.positives_cap, label_smoothing=fv.label_smoothing,
           use_bias_weight_decay=fv.use_bias_weight_decay,
-          loss_chunk_size=fv.loss_chunk_size),
+          loss_chunk_size=fv.loss_chunk_size,
+          contrastive_loss=fv.contrastive_loss, momentum=fv.momentum,
+          queue_size=fv.queue_size, teacher=fv.teacher,
+          teacher_temperature=fv.teacher_temperature,
+          teacher_weight=fv.teacher_weight),
       data=DataConfig(
           dataset=resolve_dataset(fv.dataset, fv.input_fn),
           data_dir=fv.data_dir, batch_size=fv.batch_size,
@@ -627,7 +773,9 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
           crop_area_range=_float_list('crop_area_range', fv.crop_area_range),
           eval_crop_method=fv.eval_crop_method, crop_padding=fv.crop_padding,
           warp_probability=fv.warp_probability,
-          allow_mixed_precision=fv.allow_mixed_precision),
+          allow_mixed_precision=fv.allow_mixed_precision,
+          random_flip=fv.random_flip, mix=fv.mix,
+          mix_alpha=fv.mix_alpha),
       stage_1=stage(1),
       stage_2=stage(2),
       warm_start=WarmStartConfig(
@@ -646,7 +794,17 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
           max_checkpoints_to_keep=fv.max_checkpoints_to_keep,
           steps_per_loop=fv.steps_per_loop, use_xla=fv.use_xla,
           max_train_steps=fv.max_train_steps,
-          max_eval_steps=fv.max_eval_steps),
+          max_eval_steps=fv.max_eval_steps,
+          deterministic=fv.deterministic,
+          override_config=fv.override_config, overwrite=fv.overwrite),
+      analysis=AnalysisConfig(
+          knn_k=_int_list('knn_k', fv.knn_k),
+          knn_temperature=fv.knn_temperature,
+          knn_chunk_size=fv.knn_chunk_size,
+          corruptions=tuple(c.strip() for c in fv.corruptions if c.strip()),
+          severities=_int_list('severities', fv.severities),
+          corruption_dataset=fv.corruption_dataset,
+          plot_max_points=fv.plot_max_points),
   )
   validate(config)
   return config

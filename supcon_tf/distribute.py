@@ -64,14 +64,60 @@ def cross_replica_concat(tensor: tf.Tensor) -> tf.Tensor:
   return ctx.all_gather(tensor, axis=0)
 
 
-def _tf_config_has_cluster() -> bool:
+class TFConfigError(ValueError):
+  """The TF_CONFIG environment variable is malformed; the message says how."""
+
+
+def parse_tf_config() -> Optional[dict]:
+  """TF_CONFIG as a dict (None when unset), checked for the usual mistakes.
+
+  Raises:
+    TFConfigError: not JSON, no object, a cluster that is not
+      {job: ["host:port", ...]}, or a task whose type / index is not in it.
+  """
   raw = os.environ.get('TF_CONFIG', '')
-  if not raw:
-    return False
+  if not raw.strip():
+    return None
   try:
-    cluster = json.loads(raw).get('cluster', {})
+    tf_config = json.loads(raw)
   except json.JSONDecodeError as e:
-    raise ValueError(f'TF_CONFIG is not valid JSON: {e}') from e
+    raise TFConfigError(f'TF_CONFIG is not valid JSON ({e}): {raw[:200]!r}'
+                        ) from e
+  if not isinstance(tf_config, dict):
+    raise TFConfigError(
+        'TF_CONFIG must be a JSON object {"cluster": {...}, "task": {...}}, '
+        f'got {raw[:200]!r}.')
+  cluster = tf_config.get('cluster', {})
+  if not isinstance(cluster, dict) or not all(
+      isinstance(v, list) and all(isinstance(a, str) and ':' in a for a in v)
+      for v in cluster.values()):
+    raise TFConfigError(
+        'TF_CONFIG "cluster" must map job names to lists of "host:port" '
+        f'addresses, e.g. {{"worker": ["10.0.0.1:2222"]}}; got {cluster!r}.')
+  task = tf_config.get('task')
+  if cluster and not isinstance(task, dict):
+    raise TFConfigError(
+        'TF_CONFIG has a "cluster" but no "task" object, e.g. '
+        f'{{"type": "worker", "index": 0}}; got {task!r}.')
+  if task:
+    task_type, index = task.get('type'), task.get('index', 0)
+    if task_type not in cluster:
+      raise TFConfigError(
+          f'TF_CONFIG task type {task_type!r} is not a job of the cluster '
+          f'(jobs: {sorted(cluster)}).')
+    if (not isinstance(index, int) or isinstance(index, bool) or
+        not 0 <= index < len(cluster[task_type])):
+      raise TFConfigError(
+          f'TF_CONFIG task index {index!r} is out of range: job '
+          f'{task_type!r} has {len(cluster[task_type])} task(s).')
+  return tf_config
+
+
+def _tf_config_has_cluster() -> bool:
+  tf_config = parse_tf_config()
+  if not tf_config:
+    return False
+  cluster = tf_config.get('cluster', {})
   return sum(len(v) for v in cluster.values()) > 1
 
 
@@ -118,6 +164,7 @@ def build_strategy(strategy: enums.StrategyType = enums.StrategyType.AUTO,
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
   if kind == enums.StrategyType.MULTI_WORKER:
+    parse_tf_config()  # A clear message instead of a hang or a deep error.
     return tf.distribute.MultiWorkerMirroredStrategy()
   if kind == enums.StrategyType.MIRRORED:
     return tf.distribute.MirroredStrategy()

@@ -113,6 +113,13 @@ class MixType(enum.Enum):
   MIXUP = 'mixup'
 
 
+@enum.unique
+class ContrastiveLoss(enum.Enum):
+  """The stage-1 contrastive loss."""
+  SUPCON = 'supcon'  # Khosla et al. 2020 (losses.supcon_loss).
+  GENSCL = 'genscl'  # Kim et al. 2022, soft labels (genscl.genscl_loss).
+
+
 def parse_enum(enum_cls: Type[E], value: Union[E, str]) -> E:
   """Returns the member of `enum_cls` named or valued `value`.
 

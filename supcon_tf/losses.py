@@ -19,25 +19,27 @@ Under a tf.distribute strategy the anchors are the replica's local batch and the
 contrast set is the global batch gathered from every replica, so the result is
 exactly the single-device loss on the concatenated batch.
 
-How it is computed (same values as the reference's tiled-mask algorithm, fewer
-passes over the [anchors, contrast] matrix; see docs/performance_loss.md):
+How it is computed (the reference's values, far fewer passes over the
+[anchors, contrast] matrix; docs/performance_loss.md has the measurements):
 
 * Logits live in a 4-D layout s[a, b, v, g] (anchor view a of local sample b
-  against view v of global sample g); the sample-level [b, g] masks are never
-  tiled to [A*B, V*G].
-* The anchor's own entry is set to -inf in place (a scatter of A*B values), so
-  exp() removes it from every sum; nothing subtracts it afterwards, which would
-  cancel catastrophically when the self term dominates.
-* Sums over positives / negatives first add the views up ([a, b, g]) and then
-  take one masked dot per row, so masks are [b, g], built from label equality.
-* L_out splits as log D_i - 1/|P(i)| sum_p s_ip. With class-id labels and no
-  cap the second term is linear in z: <z_i, sum of z over i's class - z_i> / T,
-  computed from per-class feature sums in O(N * dim); with denominator ALL the
-  first term is a plain log-sum-exp over j != i, so the default configuration
-  touches the N x N matrix only for the matmul, one max, one exp and one sum.
-* On one device with all views as anchors the logits matrix is the Gram
-  matrix Z Z^T, whose gradient is (G + G^T) Z: one matmul instead of two.
-* `chunk_size` computes the loss over blocks of anchor samples with a
+  against view v of global sample g); sample-level [b, g] masks, built from
+  label equality, broadcast over the views instead of being tiled to
+  [A*B, V*G], and masked sums first add the views up ([a, b, g]).
+* The anchor's own entry is set to -inf (in place: a diagonal or a scatter),
+  so exp() drops it from every sum; subtracting it afterwards would cancel
+  catastrophically when the self term dominates. The row max (stability
+  shift, it cancels) is taken over the other entries.
+* L_out splits as log D_i - 1/|P(i)| sum_p s_ip. Without a positives cap the
+  second term is linear in z: <z_i, (sum of z over i's class) - z_i> / T, from
+  per-class feature sums in O(N * dim). With denominator ALL the first term
+  is a log-sum-exp over j != i without any mask, so the default configuration
+  reads the N x N matrix for one max, one exp and one sum.
+* The part that reads the logits has a hand-written gradient (one to three
+  elementwise passes over the saved exp(s) instead of autodiff's chain of
+  broadcasts), and on one device with all views as anchors the logits are the
+  Gram matrix Z Z^T, whose gradient (G + G^T) Z takes one matmul, not two.
+* `chunk_size` evaluates the loss over blocks of anchor samples with a
   tf.custom_gradient that recomputes each block in the backward pass, so
   peak memory is O(N * chunk_size) instead of O(N^2).
 """
@@ -115,19 +117,18 @@ class _Plan(NamedTuple):
   label_kind: str  # _NO_LABELS, _CLASS_IDS or _SOFT.
 
   @property
-  def hard_uncapped(self) -> bool:
-    """Positives are exactly the other members of the anchor's class."""
-    return self.label_kind != _SOFT and self.samples_per_anchor < 0
-
-  @property
   def numerator_from_class_sums(self) -> bool:
-    """L_out's sum_p s_ip is computed outside the blocks, in O(N * dim)."""
-    return (self.hard_uncapped and
+    """L_out's sum_p s_ip is computed outside the blocks, in O(N * dim).
+
+    Without a cap the positive weights are the label similarity, so the sum
+    is linear in per-class feature sums.
+    """
+    return (self.samples_per_anchor < 0 and
             self.summation == enums.LossSummationLocation.OUTSIDE)
 
   @property
   def needs_masks(self) -> bool:
-    """False only for the default L_out / ALL with hard, uncapped labels."""
+    """False only for L_out / ALL without a cap (the default)."""
     return not (self.numerator_from_class_sums and
                 self.denominator == enums.LossDenominatorMode.ALL)
 
@@ -170,10 +171,12 @@ def _block_masks(rows, self_cols, num_global, global_labels, plan: _Plan):
     negatives: float32 [block, G] negative weights, the uncapped complement
       1 - same (capped-away positives are neither).
     own_positive: float32 [block] positives[b, own column].
-    own_negative: float32 [block] negatives[b, own column] (non-zero only for
-      soft labels, whose self-similarity y.y can be < 1).
   """
-  diagonal = tf.one_hot(rows, num_global)  # Padding rows: all zero.
+  # One-hot of each row's own column (padding rows: all zero), only where
+  # it is needed: a [block, G] write.
+  capped = plan.samples_per_anchor >= 0
+  if plan.label_kind == _NO_LABELS or capped:
+    diagonal = tf.one_hot(rows, num_global)
   if plan.label_kind == _NO_LABELS:
     same = diagonal
   else:
@@ -183,103 +186,233 @@ def _block_masks(rows, self_cols, num_global, global_labels, plan: _Plan):
           tf.equal(row_labels[:, None], global_labels[None, :]), tf.float32)
     else:
       same = tf.matmul(row_labels, global_labels, transpose_b=True)
-  if plan.samples_per_anchor >= 0:
+  if capped:
     positives = _cap_positives(same, diagonal, plan.samples_per_anchor)
   else:
     positives = same
   negatives = 1.0 - same
   own = tf.stack([tf.range(tf.shape(rows)[0]), self_cols], axis=1)
-  return (positives, negatives, tf.gather_nd(positives, own),
-          tf.gather_nd(negatives, own))
+  return positives, negatives, tf.gather_nd(positives, own)
 
 
 # -----------------------------------------------------------------------------
 # One block of anchors: the part of the loss that needs the logits matrix.
 
 
-def _self_indices(self_cols, num_anchor_views: int):
-  """int32 [A * block, 4]: the (a, b, a, own column) entries of the logits."""
-  block = tf.shape(self_cols)[0]
-  a = tf.repeat(tf.range(num_anchor_views), block)
-  b = tf.tile(tf.range(block), [num_anchor_views])
-  return tf.stack([a, b, a, tf.gather(self_cols, b)], axis=1)
-
-
 def _sum_over_views(x):
   """[A, block, V, G] -> [A, block, G]: view sums, so masks stay [block, G]."""
   if x.shape[2] == 1:
-    return x[:, :, 0]
+    return tf.squeeze(x, axis=2)
   return tf.reduce_sum(x, axis=2)
 
 
 def _masked_row_sum(per_sample, mask):
   """sum_g mask[b, g] * per_sample[a, b, g] -> [A, block]."""
-  return tf.reduce_sum(per_sample * mask[None], axis=-1)
+  # (expand_dims is a free reshape; x[None] can be a strided-slice copy.)
+  return tf.reduce_sum(per_sample * tf.expand_dims(mask, 0), axis=-1)
 
 
 def _row_outer(row, mask):
   """row[a, b] * mask[b, g] -> [A, block, 1, G], broadcast over views."""
-  return (row[:, :, None] * mask[None])[:, :, None, :]
+  return tf.expand_dims(tf.expand_dims(row, 2) * tf.expand_dims(mask, 0), 2)
 
 
-def _self_setter(self_idx, self_diagonal):
-  """Returns set_self(x, value): x [A, block, V, G] with the anchors' own
-  entries replaced by the scalar `value`.
+def _expand_rows(row):
+  """[A, block] -> [A, block, 1, 1]."""
+  return tf.reshape(row, tf.concat([tf.shape(row), [1, 1]], axis=0))
+
+
+class _LogitsOp(NamedTuple):
+  """How a block's logits come from the features, and their gradient.
+
+  inputs: the features the logits are computed from (the custom gradient's
+    inputs, so only [N, D]-sized tensors pass through its IdentityN).
+  forward: inputs -> float32 [A, block, V, G] logits.
+  backward: (inputs, d_logits) -> gradients of the inputs.
+  set_self: (x [A, block, V, G], Python scalar) -> x with every anchor's own
+    entry set to the scalar, in place where TF allows (a TensorScatterUpdate
+    copies the whole tensor on CPU; set_diag does not).
+  """
+  inputs: Tuple[tf.Tensor, ...]
+  forward: object
+  backward: object
+  set_self: object
+
+
+def _rolled_contrast(contrast, num_anchor_views: int):
+  """[V, G, D] -> [A, V * G, D]: copy a starts at contrast view a."""
+  dim = tf.shape(contrast)[2]
+  return tf.stack([
+      tf.reshape(tf.concat([contrast[a:], contrast[:a]], axis=0), [-1, dim])
+      for a in range(num_anchor_views)])
+
+
+def _cross_logits_op(anchors, contrast, first_row, xla: bool) -> _LogitsOp:
+  """Logits of anchors [A, c, D] against the contrast set [V, G, D].
+
+  Outside XLA, for anchor view a the contrast views are taken in the order
+  a, a + 1, ... (mod V), so s[a, b, v, g] pairs anchor (a, b) with contrast
+  view (a + v) % V; no sum in the loss depends on that order. Then every
+  anchor's own entry, (a, b, 0, first_row + b), lies on diagonal `first_row`
+  of each [c, V * G] matrix a, which set_diag overwrites in place.
 
   Args:
-    self_idx: int32 [A * block, 4] positions of the anchors' own entries.
-    self_diagonal: None, or an int32 scalar k such that the own entries are
-      exactly diagonal k of x viewed as [A * block, V * G] (one anchor view,
-      or all anchors on one device). Then set_diag writes them in place; a
-      TensorScatterUpdate copies the whole N x N tensor on CPU.
+    anchors: [A, c, D] (divided by T).
+    contrast: [V, G, D].
+    first_row: int32 scalar, global sample index of anchor row 0.
+    xla: building for XLA, whose set_diag wants a constant diagonal; there
+      the views keep their order (one 2-D matmul) and a scatter, in place in
+      XLA, overwrites the entries (a, b, a, first_row + b).
   """
-  if self_diagonal is None:
-    num_self = tf.shape(self_idx)[:1]
+  num_anchor_views = anchors.shape[0]
+  if xla:
+    return _plain_cross_logits_op(anchors, contrast, first_row)
 
-    def scatter(x, value):
-      return tf.tensor_scatter_nd_update(x, self_idx, tf.fill(num_self, value))
+  def forward(anchors, contrast):
+    logits = tf.matmul(anchors, _rolled_contrast(contrast, num_anchor_views),
+                       transpose_b=True)  # [A, c, V * G]
+    return tf.reshape(logits, tf.concat(
+        [tf.shape(anchors)[:2], tf.shape(contrast)[:2]], axis=0))
 
-    return scatter
+  def backward(inputs, d_logits):
+    anchors, contrast = inputs
+    rolled = _rolled_contrast(contrast, num_anchor_views)
+    d_flat = tf.reshape(d_logits, tf.concat(
+        [tf.shape(anchors)[:2], [-1]], axis=0))  # [A, c, V * G]
+    d_anchors = tf.matmul(d_flat, rolled)
+    # d rolled = d_flat^T anchors, as (anchors^T d_flat)^T: only the small
+    # operand is transposed (no transposed copy of the [c, V * G] block).
+    d_rolled = tf.reshape(
+        tf.transpose(tf.matmul(anchors, d_flat, transpose_a=True), [0, 2, 1]),
+        tf.concat([[num_anchor_views], tf.shape(contrast)], axis=0))
+    d_contrast = d_rolled[0]
+    for a in range(1, num_anchor_views):  # Undo the roll of copy a.
+      d_contrast += tf.concat([d_rolled[a][-a:], d_rolled[a][:-a]], axis=0)
+    return d_anchors, d_contrast
 
-  def set_diagonal(x, value):
+  def set_self(x, value):
+    shape = tf.shape(x)
+    matrices = tf.reshape(x, [shape[0], shape[1], shape[2] * shape[3]])
+    # Padding rows past the last column have no own entry.
+    length = tf.minimum(shape[1], shape[2] * shape[3] - first_row)
+    matrices = tf.linalg.set_diag(
+        matrices, tf.fill(tf.stack([shape[0], length]), value), k=first_row)
+    return tf.reshape(matrices, shape)
+
+  return _LogitsOp((anchors, contrast), forward, backward, set_self)
+
+
+def _plain_cross_logits_op(anchors, contrast, first_row) -> _LogitsOp:
+  """`_cross_logits_op` for XLA: views in order, a scatter for own entries."""
+  num_anchor_views = anchors.shape[0]
+
+  def forward(anchors, contrast):
+    dim = tf.shape(anchors)[2]
+    logits = tf.matmul(tf.reshape(anchors, [-1, dim]),
+                       tf.reshape(contrast, [-1, dim]), transpose_b=True)
+    return tf.reshape(logits, tf.concat(
+        [tf.shape(anchors)[:2], tf.shape(contrast)[:2]], axis=0))
+
+  def backward(inputs, d_logits):
+    anchors, contrast = inputs
+    dim = tf.shape(anchors)[2]
+    flat_a = tf.reshape(anchors, [-1, dim])
+    d_flat = tf.reshape(d_logits, [tf.shape(flat_a)[0], -1])
+    d_anchors = tf.matmul(d_flat, tf.reshape(contrast, [-1, dim]))
+    d_contrast = tf.matmul(d_flat, flat_a, transpose_a=True)
+    return (tf.reshape(d_anchors, tf.shape(anchors)),
+            tf.reshape(d_contrast, tf.shape(contrast)))
+
+  rows = tf.shape(anchors)[1]
+  own_cols = tf.minimum(first_row + tf.range(rows),
+                        tf.shape(contrast)[1] - 1)
+  a = tf.repeat(tf.range(num_anchor_views), rows)
+  b = tf.tile(tf.range(rows), [num_anchor_views])
+  self_idx = tf.stack([a, b, a, tf.gather(own_cols, b)], axis=1)
+
+  def set_self(x, value):
+    return tf.tensor_scatter_nd_update(
+        x, self_idx, tf.fill(tf.shape(self_idx)[:1], value))
+
+  return _LogitsOp((anchors, contrast), forward, backward, set_self)
+
+
+def _gram_logits_op(scaled) -> _LogitsOp:
+  """s = Z Z^T for Z = contrast / sqrt(T) [V, G, D], all anchors on one device.
+
+  The gradient is (G + G^T) Z: one [N, N] x [N, D] matmul instead of the two
+  of autodiff (the matmuls dominate the cost of the loss). The anchors' own
+  entries are the diagonal of the [N, N] matrix.
+  """
+
+  def forward(scaled):
+    shape = tf.shape(scaled)
+    flat = tf.reshape(scaled, [-1, shape[2]])
+    gram = tf.matmul(flat, flat, transpose_b=True)
+    return tf.reshape(gram, tf.concat([shape[:2], shape[:2]], axis=0))
+
+  def backward(inputs, d_logits):
+    scaled, = inputs
+    shape = tf.shape(scaled)
+    flat = tf.reshape(scaled, [-1, shape[2]])
+    d_gram = tf.reshape(d_logits, [tf.shape(flat)[0], -1])
+    return (tf.reshape(
+        tf.matmul(d_gram + tf.transpose(d_gram), flat), shape),)
+
+  def set_self(x, value):
     shape = tf.shape(x)
     flat = tf.reshape(x, [shape[0] * shape[1], shape[2] * shape[3]])
-    flat = tf.linalg.set_diag(flat, tf.fill(tf.shape(flat)[:1], value),
-                              k=self_diagonal)
+    flat = tf.linalg.set_diag(flat, tf.fill(tf.shape(flat)[:1], value))
     return tf.reshape(flat, shape)
 
-  return set_diagonal
+  return _LogitsOp((scaled,), forward, backward, set_self)
 
 
-def _contrast_terms(logits, own_logit, set_self, masks, num_positives,
-                    plan: _Plan):
+def _contrast_terms(logits_op: _LogitsOp, own_logit, own_negative, masks,
+                    num_positives, plan: _Plan):
   """The logits-reading part of the loss, with a hand-written gradient.
 
   Autodiff of the same expressions would materialise several more N x N
   temporaries per step (broadcast reduction gradients, the gradient of the
   stop-gradient row shift, a copy for the scatter); the gradient below is one
-  or two elementwise passes over the saved exp(logits). Notation per anchor
+  to three elementwise passes over the saved exp(logits). Notation per anchor
   row i: E_ij = exp(s_ij - m_i) with the anchor's own entry 0, N_i = sum of
-  negatives, P_i = sum of positives, u_i the upstream gradient.
+  negatives, u_i the upstream gradient.
 
   Args:
-    logits: float32 [A, block, V, G].
-    own_logit: float32 [A, block] s_ii (soft labels only: their negatives
-      include the anchor's own entry with weight 1 - y.y), else None.
-    set_self: from `_self_setter`.
-    masks: None (hard labels, no cap, L_out / ALL: no mask needed) or
-      (positives [block, G], negatives [block, G], own_negative [block]).
+    logits_op: the [A, block, V, G] logits from their features.
+    own_logit: float32 [A, block] s_ii, needed for soft labels (their
+      negatives include the anchor's own entry with weight 1 - y.y) and for
+      the numerator of capped L_out; else None.
+    own_negative: float32 [block] that weight 1 - y.y (soft labels), or None.
+    masks: None (no cap, L_out / ALL: no mask needed) or (positives
+      [block, G], negatives [block, G], own_positive [block]) sample weights.
     num_positives: float32 [A, block] |P(i)| (None without masks).
     plan: static options.
 
   Returns:
     float32 [A, block] terms (see `_block_terms`).
   """
-  soft = own_logit is not None
+  soft = own_negative is not None
   outside = plan.summation == enums.LossSummationLocation.OUTSIDE
+  # Capped L_out keeps its numerator here (its positives are not a class).
+  numerator_here = outside and not plan.numerator_from_class_sums
   denominator_mode = plan.denominator
+  with_own = own_logit is not None
+  set_self = logits_op.set_self
 
   def forward(logits, own_logit):
+    """-> (terms, backward: upstream -> (d_logits, d_own_logit))."""
+    numerator = None
+    if numerator_here:
+      # sum_p w_ip s_ip = sum_g w[b, g] sum_v s[a, b, v, g] - w[b, b] s_ii,
+      # read before the own entry is overwritten.
+      positives, _, own_positive = masks
+      logit_view_sums = _sum_over_views(logits)
+      numerator = (_masked_row_sum(logit_view_sums, positives) -
+                   tf.expand_dims(own_positive, 0) * own_logit)
+      with tf.control_dependencies([logit_view_sums]):
+        logits = tf.identity(logits)  # (Then set_self can work in place.)
     # The anchor is never in a sum: exp(-inf) = 0 removes it from all of them
     # (A * block writes instead of an N x N mask product).
     logits = set_self(logits, -math.inf)
@@ -287,21 +420,28 @@ def _contrast_terms(logits, own_logit, set_self, masks, num_positives,
     # term, so it gets no gradient. A row with no other sample has -inf.
     shift = tf.reduce_max(logits, axis=[2, 3])
     shift = tf.where(tf.math.is_finite(shift), shift, tf.zeros_like(shift))
+    own_exp = None
     if soft:
       shift = tf.maximum(shift, own_logit)  # So exp(own - shift) <= 1.
-    exp_logits = tf.exp(logits - shift[:, :, None, None])
+      own_exp = tf.expand_dims(own_negative, 0) * tf.exp(own_logit - shift)
+    exp_logits = tf.exp(logits - _expand_rows(shift))
 
     if masks is None:
-      # eq. 2's D_i = sum_{j != i} exp(s_ij): the whole row, no mask.
+      # eq. 2's D_i = sum_{j != i} exp(s_ij): the whole row, no mask (weights
+      # neg + pos = 1 off the anchor's own entry when nothing is capped).
       den = tf.reduce_sum(exp_logits, axis=[2, 3])
+      if soft:
+        den += own_exp
       den = tf.where(den > 0, den, tf.ones_like(den))
 
       def backward_lse(upstream):  # d log D_i / d s_ij = E_ij / D_i.
-        return exp_logits * (upstream / den)[:, :, None, None], None
+        alpha = upstream / den
+        return exp_logits * _expand_rows(alpha), (
+            alpha * own_exp if soft else None)
 
       return tf.math.log(den) + shift, backward_lse
 
-    positives, negatives, own_negative = masks
+    positives, negatives, own_positive = masks
     has_positive = num_positives > 0
     ones = tf.ones_like(shift)
 
@@ -314,9 +454,7 @@ def _contrast_terms(logits, own_logit, set_self, masks, num_positives,
     count = safe(num_positives)
     view_sums = _sum_over_views(exp_logits)  # [A, block, G]
     negatives_sum = _masked_row_sum(view_sums, negatives)
-    own_exp = None
     if soft:
-      own_exp = own_negative[None] * tf.exp(own_logit - shift)
       negatives_sum += own_exp
 
     if denominator_mode != enums.LossDenominatorMode.ONE_POSITIVE:
@@ -340,133 +478,141 @@ def _contrast_terms(logits, own_logit, set_self, masks, num_positives,
         weights = _row_outer(alpha, den_mask)
         if not outside:
           weights -= _row_outer(upstream / positives_sum, positives)
-        d_own = alpha * own_exp if soft else None
-        return exp_logits * weights, d_own
+        return exp_logits * weights, alpha * own_exp if soft else None
 
+    else:
+      # ONE_POSITIVE: D_ip = E_ip + N_i differs per positive, one more pass.
+      # The own entry is set to 1 so that it adds log 1 = 0 / 0 / 1 = 0.
+      n = safe(negatives_sum)
+      den = set_self(exp_logits + _expand_rows(n), 1.0)
+      if outside:
+        # -log(E/(E + N)) = log(E + N) - log E; sum_p log E_ip is the
+        # numerator minus |P| m_i.
+        terms = _masked_row_sum(_sum_over_views(tf.math.log(den)),
+                                positives) / count + shift
+
+        def backward(upstream):
+          # t = 1/|P| sum_p log(E_p + N): dt/dE_p = 1/(|P| (E_p + N)),
+          # dt/dN = c = 1/|P| sum_p 1/(E_p + N), dN/ds_ij = neg_ij E_ij.
+          inverse = set_self(1.0 / den, 0.0)
+          c = _masked_row_sum(_sum_over_views(inverse), positives) / count
+          weights = (inverse * _row_outer(upstream / count, positives) +
+                     _row_outer(upstream * c, negatives))
+          return exp_logits * weights, (
+              upstream * c * own_exp if soft else None)
+
+      else:
+        ratio = exp_logits / den  # E/(E + N); 0 at the anchor's own entry.
+        mean_ratio = safe(_masked_row_sum(_sum_over_views(ratio), positives))
+        terms = -tf.math.log(mean_ratio) + tf.math.log(count)
+
+        def backward(upstream):
+          # t = -log Q, Q = sum_p Y_p, Y = E/(E + N), Z = Y (1 - Y):
+          # E dt/dE_p = -Z_p / Q, dt/dN = sum_p Z_p / (Q N).
+          z = ratio * (1.0 - ratio)
+          c = tf.math.divide_no_nan(
+              _masked_row_sum(_sum_over_views(z), positives), mean_ratio * n)
+          d_logits = (exp_logits * _row_outer(upstream * c, negatives) -
+                      z * _row_outer(upstream / mean_ratio, positives))
+          return d_logits, upstream * c * own_exp if soft else None
+
+    if not numerator_here:
       return terms, backward
 
-    # ONE_POSITIVE: D_ip = E_ip + N_i differs per positive, one more pass.
-    # The anchor's own entry is set to 1 so that it adds log 1 = 0 / 0 / 1.
-    n = safe(negatives_sum)
-    den = exp_logits + n[:, :, None, None]
-    den = set_self(den, 1.0)
-    if outside:
-      # -log(E/(E + N)) = log(E + N) - log E; sum_p log E_ip is the
-      # numerator (minus |P| m_i), left to the caller.
-      terms = (_masked_row_sum(_sum_over_views(tf.math.log(den)), positives)
-               / count + shift)
+    def backward_with_numerator(upstream):
+      # terms -= numerator / |P|: d/ds_ij = -w_ij / |P| (own entry
+      # included, cancelled by d/d s_ii = +w_bb / |P| through own_logit).
+      d_logits, d_own = backward(upstream)
+      beta = upstream / count
+      d_own_numerator = beta * tf.expand_dims(own_positive, 0)
+      return (d_logits - _row_outer(beta, positives),
+              d_own_numerator if d_own is None else d_own + d_own_numerator)
 
-      def backward_one_positive_out(upstream):
-        # t = 1/|P| sum_p log(E_p + N):  dt/dE_p = 1/(|P| (E_p + N)),
-        # dt/dN = c = 1/|P| sum_p 1/(E_p + N), dN/ds_ij = neg_ij E_ij.
-        inverse = set_self(1.0 / den, 0.0)
-        c = _masked_row_sum(_sum_over_views(inverse), positives) / count
-        weights = (inverse * _row_outer(upstream / count, positives) +
-                   _row_outer(upstream * c, negatives))
-        d_own = upstream * c * own_exp if soft else None
-        return exp_logits * weights, d_own
+    return terms - numerator / count, backward_with_numerator
 
-      return terms, backward_one_positive_out
-
-    ratio = exp_logits / den  # E/(E + N); 0 at the anchor's own entry.
-    mean_ratio = safe(_masked_row_sum(_sum_over_views(ratio), positives))
-    terms = -tf.math.log(mean_ratio) + tf.math.log(count)
-
-    def backward_one_positive_in(upstream):
-      # t = -log Q, Q = sum_p Y_p, Y = E/(E + N), Z = Y (1 - Y):
-      # E dt/dE_p = -Z_p / Q, dt/dN = sum_p Z_p / (Q N).
-      z = ratio * (1.0 - ratio)
-      c = tf.math.divide_no_nan(
-          _masked_row_sum(_sum_over_views(z), positives), mean_ratio * n)
-      d_logits = (exp_logits * _row_outer(upstream * c, negatives) -
-                  z * _row_outer(upstream / mean_ratio, positives))
-      d_own = upstream * c * own_exp if soft else None
-      return d_logits, d_own
-
-    return terms, backward_one_positive_in
-
-  if soft:
-
-    @tf.custom_gradient
-    def core_soft(logits, own_logit):
-      terms, backward = forward(logits, own_logit)
-      return terms, backward
-
-    return core_soft(logits, own_logit)
+  num_inputs = len(logits_op.inputs)
 
   @tf.custom_gradient
-  def core(logits):
-    terms, backward = forward(logits, None)
-    return terms, lambda upstream: backward(upstream)[0]
+  def core(*args):
+    inputs = args[:num_inputs]
+    terms, backward = forward(logits_op.forward(*inputs),
+                              args[num_inputs] if with_own else None)
 
-  return core(logits)
+    def grad(upstream):
+      d_logits, d_own = backward(upstream)
+      grads = list(logits_op.backward(inputs, d_logits))
+      return grads + [d_own] if with_own else grads
+
+    return terms, grad
+
+  return core(*logits_op.inputs, *([own_logit] if with_own else []))
 
 
-def _block_terms(logits, anchors, contrast, rows, global_labels, plan: _Plan,
-                 self_diagonal=None) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
+def _block_terms(anchors, contrast, first_row, global_labels, plan: _Plan,
+                 logits_op: Optional[_LogitsOp] = None
+                 ) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
   """Per-anchor loss terms of a block of anchor samples.
 
   Everything that reads the [A, block, V, G] logits happens here; the chunked
   path calls this once per block (and again in the backward pass).
 
+  The logits s[a, b, v, g] = <z_anchor, z_contrast> / T pair the block's
+  anchors (view a of sample b) with every contrast view v of every global
+  sample g.
+
   Args:
-    logits: float32 [A, block, V, G]: s = <z_anchor, z_contrast> / T of the
-      block's anchors (view a of sample b) against every contrast view v of
-      every global sample g.
     anchors: float32 [A, block, D], the block's anchors already divided by T.
     contrast: float32 [V, G, D], the gathered contrast set.
-    rows: int32 [block] global sample index of each block row; rows >= G are
-      padding (their terms are garbage but finite).
+    first_row: int32 scalar, global sample index of the block's row 0 (rows
+      >= G are padding: their terms are garbage but finite).
     global_labels: None, [G] class ids or [G, K] soft labels.
     plan: static options.
-    self_diagonal: see `_self_setter`.
+    logits_op: how to compute the logits (default: `_cross_logits_op`).
 
   Returns:
-    terms: float32 [A, block]. For L_out with class-id labels and no cap,
-      log D_i (denominator ALL / ONLY_NEGATIVES) or 1/|P| sum_p log(E_ip +
-      N_i) + m_i (ONE_POSITIVE): the numerator sum_p s_ip is left to the
-      caller. Otherwise the whole loss of anchors that have a positive.
+    terms: float32 [A, block]. For L_out without a cap, log D_i + m_i
+      (denominator ALL / ONLY_NEGATIVES) or 1/|P| sum_p log(E_ip + N_i) + m_i
+      (ONE_POSITIVE): the numerator 1/|P| sum_p s_ip is left to the caller
+      (`_class_sum_numerator`). Otherwise the whole loss of anchors that
+      have a positive.
     num_positives: float32 [A, block] |P(i)|, or None when the caller
       computes it (no masks needed).
   """
-  num_global = tf.shape(logits)[3]
+  num_global = tf.shape(contrast)[1]
+  rows = first_row + tf.range(tf.shape(anchors)[1])
   self_cols = tf.minimum(rows, num_global - 1)
-  self_idx = _self_indices(self_cols, plan.num_anchor_views)
   soft = plan.label_kind == _SOFT
   outside = plan.summation == enums.LossSummationLocation.OUTSIDE
   numerator_here = outside and not plan.numerator_from_class_sums
 
   own_logit = None
   if soft or numerator_here:
-    # s_ii from the features, O(block * D).
-    own = tf.gather_nd(
-        contrast, tf.stack([self_idx[:, 0], self_idx[:, 3]], axis=1))
-    own_logit = tf.reduce_sum(
-        anchors * tf.reshape(own, tf.shape(anchors)), axis=-1)  # [A, block]
+    # s_ii from the features, O(block * D): <anchor, its contrast copy>.
+    own = tf.gather(contrast[:plan.num_anchor_views], self_cols, axis=1)
+    own_logit = tf.reduce_sum(anchors * own, axis=-1)  # [A, block]
+
+  own_negative = None
+  if soft:
+    # negatives[b, own column] = 1 - y.y, non-zero for soft labels.
+    row_labels = tf.gather(global_labels, self_cols)
+    own_negative = 1.0 - tf.reduce_sum(row_labels * row_labels, axis=-1)
 
   masks = num_positives = None
   if plan.needs_masks:
-    positives, negatives, own_positive, own_negative = _block_masks(
+    positives, negatives, own_positive = _block_masks(
         rows, self_cols, num_global, global_labels, plan)
     # |P(i)|: every view of every positive sample, minus the anchor itself.
     num_positives = (plan.num_views * tf.reduce_sum(positives, axis=1) -
                      own_positive)
     num_positives = tf.broadcast_to(num_positives[None],
-                                    tf.shape(logits)[:2])  # [A, block]
-    masks = (positives, negatives, own_negative)
+                                    tf.shape(anchors)[:2])  # [A, block]
+    masks = (positives, negatives, own_positive)
 
-  terms = _contrast_terms(logits, own_logit if soft else None,
-                          _self_setter(self_idx, self_diagonal), masks,
+  if logits_op is None:
+    logits_op = _cross_logits_op(anchors, contrast, first_row,
+                                 _in_xla_context())
+  terms = _contrast_terms(logits_op, own_logit, own_negative, masks,
                           num_positives, plan)
-
-  if numerator_here:
-    # sum_p w_ip s_ip = <z_i, sum_g w[b, g] sum_v z_vg> - w[b, own] s_ii: one
-    # [block, G] x [G, D] matmul instead of a masked N x N pass.
-    weighted = tf.matmul(positives, tf.reduce_sum(contrast, axis=0))
-    numerator = (tf.reduce_sum(anchors * weighted[None], axis=-1) -
-                 own_positive[None] * own_logit)
-    terms -= numerator / tf.where(num_positives > 0, num_positives,
-                                  tf.ones_like(num_positives))
   return terms, num_positives
 
 
@@ -488,18 +634,19 @@ def _dense_class_ids(labels):
 
 def _class_sum_numerator(anchors, local, contrast, offset, global_labels,
                          plan: _Plan):
-  """sum_{p in P(i)} s_ip and |P(i)| for class-id labels without a cap.
+  """sum_{p in P(i)} s_ip and |P(i)| without a cap.
 
   sum_p <z_i, z_p> / T = <z_i / T, S_c - z_i> with S_c the sum of every view
   of every sample of the anchor's class c: O(N * D) instead of an N x N pass,
-  and differentiable by plain autodiff.
+  and differentiable by plain autodiff. Soft labels weigh sample g by
+  y_b . y_g, so S = y_b Y^T (sum_v z_vg) via a [K, D] per-class sum.
 
   Args:
     anchors: [A, B, D] local anchors divided by T.
     local: [A, B, D] the same anchors, not divided (z_i for the self term).
     contrast: [V, G, D] gathered contrast set.
     offset: int32 scalar, global index of local sample 0.
-    global_labels: None or [G] class ids.
+    global_labels: None, [G] class ids or [G, K] soft labels.
     plan: static options.
 
   Returns:
@@ -508,9 +655,17 @@ def _class_sum_numerator(anchors, local, contrast, offset, global_labels,
   local_batch = tf.shape(anchors)[1]
   rows = offset + tf.range(local_batch)
   view_sum = tf.reduce_sum(contrast, axis=0)  # [G, D]
+  own_weight = 1.0  # same[b, b]: the anchor's weight as its own positive.
   if plan.label_kind == _NO_LABELS:
     class_sum = tf.gather(view_sum, rows)
     class_size = tf.ones(tf.shape(rows), tf.float32)
+  elif plan.label_kind == _SOFT:
+    row_labels = tf.gather(global_labels, rows)  # [B, K]
+    per_class = tf.matmul(global_labels, view_sum, transpose_a=True)
+    class_sum = tf.matmul(row_labels, per_class)  # sum_g same[b, g] z_g
+    class_size = tf.linalg.matvec(row_labels,
+                                  tf.reduce_sum(global_labels, axis=0))
+    own_weight = tf.reduce_sum(row_labels * row_labels, axis=-1)
   else:
     num_global = tf.shape(global_labels)[0]
     ids = _dense_class_ids(global_labels)
@@ -519,8 +674,12 @@ def _class_sum_numerator(anchors, local, contrast, offset, global_labels,
         tf.ones([num_global], tf.float32), ids, num_global)
     row_ids = tf.gather(ids, rows)
     class_sum, class_size = tf.gather(sums, row_ids), tf.gather(sizes, row_ids)
-  numerator = tf.reduce_sum(anchors * (class_sum[None] - local), axis=-1)
-  num_positives = plan.num_views * class_size - 1.0
+  if plan.label_kind == _SOFT:
+    own_term = own_weight[None, :, None] * local
+  else:
+    own_term = local
+  numerator = tf.reduce_sum(anchors * (class_sum[None] - own_term), axis=-1)
+  num_positives = plan.num_views * class_size - own_weight
   return numerator, tf.broadcast_to(num_positives[None],
                                     tf.shape(numerator))
 
@@ -529,24 +688,10 @@ def _class_sum_numerator(anchors, local, contrast, offset, global_labels,
 # Dense and chunked evaluation of the blocks.
 
 
-@tf.custom_gradient
-def _symmetric_gram(z):
-  """Z Z^T, [N, D] -> [N, N], with the gradient (G + G^T) Z (one matmul).
-
-  Autodiff of matmul(z, z, transpose_b=True) would run two [N, N] x [N, D]
-  matmuls, one per operand; the matmuls dominate the loss's cost.
-  """
-
-  def grad(upstream):
-    return tf.matmul(upstream + tf.transpose(upstream), z)
-
-  return tf.matmul(z, z, transpose_b=True), grad
-
-
 def _in_xla_context() -> bool:
   """True while tracing for XLA (jit_compile=True, TPU).
 
-  There the gradient's transposed add of `_symmetric_gram` is a strided,
+  There the gradient's transposed add of `_gram_logits_op` is a strided,
   cache-unfriendly fusion that costs more than the second matmul it saves.
   """
   try:
@@ -555,15 +700,6 @@ def _in_xla_context() -> bool:
         tf.compat.v1.get_default_graph())
   except (ImportError, AttributeError):
     return False
-
-
-def _logits(anchors, contrast):
-  """[A, c, D] x [V, G, D] -> [A, c, V, G] as one plain 2-D matmul."""
-  a_shape, c_shape = tf.shape(anchors), tf.shape(contrast)
-  dim = a_shape[2]
-  flat = tf.matmul(tf.reshape(anchors, [-1, dim]),
-                   tf.reshape(contrast, [-1, dim]), transpose_b=True)
-  return tf.reshape(flat, tf.concat([a_shape[:2], c_shape[:2]], axis=0))
 
 
 def _chunked_terms(anchors, contrast, offset, global_labels, plan: _Plan,
@@ -608,9 +744,8 @@ def _chunked_terms(anchors, contrast, offset, global_labels, plan: _Plan,
   with_counts = plan.needs_masks
 
   def block_terms(anchors_k, contrast_k, k):
-    rows = offset + k * block_size + tf.range(block_size)
-    return _block_terms(_logits(anchors_k, contrast_k), anchors_k,
-                        contrast_k, rows, global_labels, plan)
+    return _block_terms(anchors_k, contrast_k, offset + k * block_size,
+                        global_labels, plan)
 
   def unblock(stacked):
     # [K, A, block] -> [A, B].
@@ -733,7 +868,6 @@ def supcon_loss(features,
   multi_replica = distribute.in_cross_replica_gather_context()
   global_features = distribute.cross_replica_concat(features)
   offset = distribute.replica_id() * local_batch
-  rows = offset + tf.range(local_batch)
 
   if labels is None:
     label_kind, global_labels = _NO_LABELS, None
@@ -769,23 +903,13 @@ def supcon_loss(features,
     terms, num_positives = _chunked_terms(anchors, contrast, offset,
                                           global_labels, plan, chunk_size)
   else:
-    xla = _in_xla_context()
-    if not multi_replica and num_anchor_views == num_views and not xla:
+    logits_op = None
+    if (not multi_replica and num_anchor_views == num_views and
+        not _in_xla_context()):
       # Anchors and contrast are the same N samples: a Gram matrix.
-      scaled = tf.reshape(contrast, [-1, tf.shape(contrast)[2]]) * (
-          tf.math.rsqrt(temperature))
-      logits = tf.reshape(_symmetric_gram(scaled),
-                          tf.concat([tf.shape(contrast)[:2]] * 2, axis=0))
-    else:
-      logits = _logits(anchors, contrast)
-    # Row (a, b) meets itself at column (a, offset + b) of the flattened
-    # [A * B, V * G] logits: a single diagonal when A == 1 or G == B. (XLA
-    # wants a constant diagonal; its scatter is in place anyway.)
-    self_diagonal = None
-    if (num_anchor_views == 1 or not multi_replica) and not xla:
-      self_diagonal = offset
-    terms, num_positives = _block_terms(logits, anchors, contrast, rows,
-                                        global_labels, plan, self_diagonal)
+      logits_op = _gram_logits_op(contrast * tf.math.rsqrt(temperature))
+    terms, num_positives = _block_terms(anchors, contrast, offset,
+                                        global_labels, plan, logits_op)
 
   if plan.numerator_from_class_sums:
     numerator, num_positives = _class_sum_numerator(

@@ -5,9 +5,15 @@ r"""Command-line entry point: flags -> config -> strategy -> run(mode).
 
 Only this module and `config.py` read absl FLAGS. The config is built once,
 validated, and everything below receives it.
+
+Exit status: 0 done; 1 an error with a one-line message naming the problem
+(`--verbosity=1` adds the traceback), or a usage error (bad flag values);
+2 a mode that is not implemented; 75 (`train.PREEMPTED_EXIT_CODE`) stopped by
+SIGTERM after saving a checkpoint: run the same command again to resume.
 """
 
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -35,9 +41,31 @@ def _handlers():
   return handlers
 
 
+def _preflight(config: config_lib.ExperimentConfig):
+  """Checks that would otherwise fail only after hours of training."""
+  if config.runtime.mode == enums.Mode.TRAIN_THEN_EVAL:
+    from supcon_tf import export  # pylint: disable=g-import-not-at-top
+    export.check_export_dir(config)
+
+
+def _user_errors():
+  """Errors whose message says all (no traceback needed)."""
+  # pylint: disable=g-import-not-at-top
+  from supcon_tf import checkpoints
+  from supcon_tf import distribute
+  from supcon_tf import export
+  from supcon_tf import train
+  from supcon_tf.data import datasets
+  # pylint: enable=g-import-not-at-top
+  return (config_lib.ConfigError, train.TrainingError,
+          checkpoints.CheckpointError, datasets.DatasetError,
+          export.ExportError, distribute.TFConfigError)
+
+
 def run(config: config_lib.ExperimentConfig, strategy=None):
   """Runs `config.runtime.mode`; returns what the mode returns (e.g. metrics)."""
   from supcon_tf import distribute  # pylint: disable=g-import-not-at-top
+  _preflight(config)
   if strategy is None:
     r = config.runtime
     strategy = distribute.build_strategy(r.strategy, r.tpu, r.tpu_zone,
@@ -63,6 +91,17 @@ def main(argv):
   except NotImplementedError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except Exception as e:  # pylint: disable=broad-except
+    from supcon_tf import train  # pylint: disable=g-import-not-at-top
+    if isinstance(e, train.Preempted):
+      print(str(e), file=sys.stderr, flush=True)
+      return train.PREEMPTED_EXIT_CODE
+    if not isinstance(e, _user_errors()):
+      raise
+    if FLAGS['verbosity'].present:
+      traceback.print_exc()
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return 1
   return 0
 
 

@@ -57,6 +57,21 @@ def run_show_augmentations(config, strategy):
   return path
 
 
+def run_eval_knn(config, strategy):
+  from supcon_tf import knn  # pylint: disable=g-import-not-at-top
+  return knn.run_eval_knn(config, strategy)
+
+
+def run_eval_corruptions(config, strategy):
+  from supcon_tf import corruptions  # pylint: disable=g-import-not-at-top
+  return corruptions.run_eval_corruptions(config, strategy)
+
+
+def run_plot_embeddings(config, strategy):
+  from supcon_tf import plots  # pylint: disable=g-import-not-at-top
+  return plots.run_plot_embeddings(config, strategy)
+
+
 MODE_HANDLERS: Dict[enums.Mode, Handler] = {
     enums.Mode.PRETRAIN: run_pretrain,
     enums.Mode.CLASSIFIER: run_classifier,
@@ -65,4 +80,7 @@ MODE_HANDLERS: Dict[enums.Mode, Handler] = {
     enums.Mode.EVAL: run_eval,
     enums.Mode.EXPORT: run_export,
     enums.Mode.SHOW_AUGMENTATIONS: run_show_augmentations,
+    enums.Mode.EVAL_KNN: run_eval_knn,
+    enums.Mode.EVAL_CORRUPTIONS: run_eval_corruptions,
+    enums.Mode.PLOT_EMBEDDINGS: run_plot_embeddings,
 }

@@ -13,12 +13,27 @@ The per-replica step is small (forward, per-example losses reduced by the
 global batch, weight decay, gradients, apply); `steps_per_loop` steps run in
 one `tf.function` call; checkpoints, summaries and progress live in the host
 loop.
+
+Failure behaviour (docs/failure_behaviour.md):
+* SIGTERM (preemption): the host loop finishes the current chunk of
+  `steps_per_loop` steps, saves a checkpoint and raises `Preempted`; `main`
+  exits with `PREEMPTED_EXIT_CODE`. Under MultiWorkerMirroredStrategy the
+  workers agree (all-reduce) to stop at the same step.
+* A hard kill loses at most `save_interval_steps` steps: a restart resumes the
+  model, optimizer slots, step and the input stream (a pure function of
+  (seed, step), `pipeline.build_dataset(start_step=)`); the step's only random
+  op (deferred blur) is seeded by (seed, step, replica), so there is no RNG
+  state to save. With `--deterministic` a resumed run equals an uninterrupted
+  one.
+* Non-finite loss terms, gradient norm or weights stop training
+  (`NonFiniteError`, naming the steps and the terms) before anything is saved.
 """
 
 import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, Dict, Optional
@@ -31,6 +46,7 @@ from supcon_tf import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import distribute
 from supcon_tf import enums
+from supcon_tf import extensions
 from supcon_tf import losses
 from supcon_tf import models
 from supcon_tf import optim
@@ -40,9 +56,70 @@ from supcon_tf.data import pipeline
 
 STAGE_DIRS = checkpoints.STAGE_DIRS
 
+# Exit status of `main` after a SIGTERM stopped training with a checkpoint
+# saved (EX_TEMPFAIL: "try again later"); rerunning the same command resumes.
+PREEMPTED_EXIT_CODE = 75
+# Mixed into the seed of the deferred blur so that it is independent of the
+# input pipeline's streams drawn from the same `DataConfig.seed`.
+_BLUR_SALT = 0xb1e
+
 
 class TrainingError(RuntimeError):
   """Training cannot start or continue; the message says why."""
+
+
+class NonFiniteError(TrainingError, FloatingPointError):
+  """A loss term, the gradient norm or the weights became NaN or infinite."""
+
+
+class Preempted(Exception):  # pylint: disable=g-bad-exception-name
+  """SIGTERM stopped training after saving a checkpoint at `step`."""
+
+  def __init__(self, stage: str, step: int, checkpoint: str):
+    self.stage, self.step, self.checkpoint = stage, step, checkpoint
+    super().__init__(
+        f'[{stage}] stopped by SIGTERM (preemption) after saving step {step} '
+        f'to {checkpoint}. Run the same command again to resume from step '
+        f'{step}.')
+
+
+def set_determinism(config: config_lib.ExperimentConfig) -> None:
+  """`--deterministic`: op determinism and seeds (before building models).
+
+  Seeds Python, NumPy, TensorFlow and Keras with `--seed`, so that initial
+  weights, tf.data shuffles and any unseeded op repeat from run to run, and
+  makes TF pick deterministic kernels. Process-wide.
+  """
+  if not config.runtime.deterministic:
+    return
+  keras.utils.set_random_seed(config.data.seed)
+  tf.config.experimental.enable_op_determinism()
+
+
+class _StopSignal:
+  """Records SIGTERM while training instead of dying (main thread only)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._installed = False
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True  # No I/O here: the handler may interrupt a print.
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._installed = True
+    except ValueError:  # Not the main thread: SIGTERM keeps its default.
+      logging.warning('Not in the main thread: SIGTERM is not handled.')
+    return self
+
+  def __exit__(self, *exc):
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+    return False
 
 
 # -----------------------------------------------------------------------------
@@ -69,6 +146,15 @@ def plan_stage(config: config_lib.ExperimentConfig,
   """Steps and views of stage `index` (1 or 2)."""
   stage = config.stage_1 if index == 1 else config.stage_2
   global_batch = config.data.batch_size
+  if info.num_train_examples == 0:
+    raise TrainingError(
+        f'The training split {info.train_split!r} of {info.name} is empty: '
+        'nothing to train on.')
+  if config.data.num_images > info.num_train_examples:
+    raise TrainingError(
+        f'--num_images={config.data.num_images} is larger than the training '
+        f'split of {info.name} ({info.num_train_examples} images); lower it, '
+        'or pass 0 to use them all.')
   if info.num_train_examples < global_batch:
     raise TrainingError(
         f'--batch_size={global_batch} is larger than the training set '
@@ -165,6 +251,10 @@ class Trainer:
     # batch norm in inference mode unless batch_norm_in_train_mode.
     self.bn_training = not (ws.reference_ckpt and
                             not ws.batch_norm_in_train_mode)
+    set_determinism(config)  # Before anything draws initial weights.
+    # MultiWorkerMirroredStrategy: workers agree on stopping (SIGTERM).
+    self._multi_worker = isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
     with strategy.scope():
       self.model = checkpoints.build_model(config, self.info)
@@ -185,19 +275,33 @@ class Trainer:
       # Build the slots eagerly: lazily inside tf.function they cannot be
       # initialised under MirroredStrategy.
       self.optimizer.build(self.model.trainable_variables)
+      # GenSCL, label mixing, distillation, momentum queue (stage 1; all off
+      # by default): see extensions.py.
+      self.extensions = extensions.TrainStepExtensions(config, self.info,
+                                                       self.model, index)
     self.train_vars = self.model.trainable_variables
     self._freeze_encoder_bn_stats()
+    # The loss-scale optimizer (float16) skips steps with non-finite
+    # gradients by design, so those are not an error there.
+    self._check_gradients = not isinstance(
+        self.optimizer, keras.optimizers.LossScaleOptimizer)
 
-    self.dataset = strategy.distribute_datasets_from_function(
-        lambda ctx: pipeline.build_dataset(self.data_config, ctx,
-                                           training=True))
-    self.iterator = iter(self.dataset)
+    # The input stream is built by `make_iterator` once the starting step is
+    # known (it resumes at that step's position). The step, model and
+    # optimizer slots are the whole training state: there is no other random
+    # state (see `_replica_step`).
+    self.dataset = None
+    self.iterator = None
     self.checkpoint = tf.train.Checkpoint(model=self.model,
                                           optimizer=self.optimizer)
+    for name, trackable in self.extensions.checkpoint_objects().items():
+      setattr(self.checkpoint, name, trackable)  # E.g. the momentum queue.
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, self.ckpt_dir,
         max_to_keep=config.runtime.max_checkpoints_to_keep)
     self._loop_fn = None
+    self._finite_fn = None
+    self._sync_fn = None
 
   # --- set-up ---------------------------------------------------------------
 
@@ -210,11 +314,39 @@ class Trainer:
     for layer in _bn_layers(self.model.encoder):
       layer.momentum = 1.0
 
+  def make_iterator(self, start_step: int):
+    """(Re)builds the input stream at the position of `start_step`."""
+    self.dataset = self.strategy.distribute_datasets_from_function(
+        lambda ctx: pipeline.build_dataset(self.data_config, ctx,
+                                           training=True,
+                                           start_step=start_step))
+    self.iterator = iter(self.dataset)
+    return self.iterator
+
+  def _release_input(self):
+    """Drops the input stream: after an input error its background threads
+    would otherwise keep retrying (a core busy) while the exception, which
+    references this trainer, is alive."""
+    self.iterator = None
+    self.dataset = None
+
+  def _restore_checkpoint(self, prefix: str):
+    try:
+      self.checkpoint.read(prefix).assert_existing_objects_matched()
+    except AssertionError as e:
+      raise checkpoints.CheckpointError(
+          f'Checkpoint {prefix} does not match the model being trained '
+          f'(other flags than {checkpoints.CONFIG_FILE}?): {e}') from e
+
   def restore_or_initialize(self) -> int:
-    """Resumes this stage, or warm-starts it; returns the starting step."""
-    latest = checkpoints.latest_in(self.chief_ckpt_dir)
+    """Resumes this stage, or warm-starts it; returns the starting step.
+
+    Resuming uses the newest readable checkpoint of the stage; unreadable
+    newer ones are skipped with a warning (`checkpoints.restore_newest`).
+    """
+    latest = checkpoints.restore_newest(self.chief_ckpt_dir,
+                                        self._restore_checkpoint)
     if latest:
-      self.checkpoint.read(latest).assert_existing_objects_matched()
       step = int(self.optimizer.iterations.numpy())
       logging.info('Resumed %s from %s at step %d.', self.plan.name, latest,
                    step)
@@ -237,15 +369,16 @@ class Trainer:
           allow_missing=ws.ignore_missing_checkpoint_vars)
       print(f'[{self.plan.name}] warm-started from {path}', flush=True)
     elif self.plan.index == 2:
-      pretrained = checkpoints.latest_in(
-          checkpoints.stage_dir(self.config.runtime.model_dir, 1))
+      pretrained = checkpoints.restore_newest(
+          checkpoints.stage_dir(self.config.runtime.model_dir, 1),
+          lambda prefix: checkpoints.restore_parts(
+              self.model, prefix, encoder=True, projection_head=True,
+              classifier=False))
       if pretrained is None:
         raise TrainingError(
             'The classifier stage needs a pretrained encoder: run '
             '--mode=pretrain with the same --model_dir first, or pass '
             '--reference_ckpt=DIR --warm_start_encoder.')
-      checkpoints.restore_parts(self.model, pretrained, encoder=True,
-                                projection_head=True, classifier=False)
       print(f'[{self.plan.name}] encoder from {pretrained}', flush=True)
     return 0
 
@@ -254,10 +387,22 @@ class Trainer:
   def _replica_step(self, images, labels):
     config, stage, plan = self.config, self.stage, self.plan
     if self.defer_blur:
+      # Stateless, keyed by (seed, step, replica): a resumed run blurs the
+      # same images as an uninterrupted one, with no RNG state to save.
+      seed = tf.constant([config.data.seed, _BLUR_SALT], tf.int64)
+      seed = tf.random.experimental.stateless_fold_in(
+          seed, tf.cast(tf.convert_to_tensor(self.optimizer.iterations),
+                        tf.int64))
+      seed = tf.random.experimental.stateless_fold_in(
+          seed, tf.cast(distribute.replica_id(), tf.int64))
       shape = tf.shape(images)
       flat = tf.reshape(images, tf.concat([[-1], shape[2:]], axis=0))
-      flat = augment.batch_random_blur(flat, config.augment.blur_probability)
+      flat = augment.batch_random_blur(flat, config.augment.blur_probability,
+                                       seed=seed)
       images = tf.reshape(flat, shape)
+    # CutMix / Mixup and teacher targets (None when neither nor GenSCL).
+    images, targets = self.extensions.prepare(images, labels,
+                                              self.optimizer.iterations)
     with tf.GradientTape() as tape:
       outputs = self.model(images, training=self.bn_training)
       logits = outputs[models.LOGITS]
@@ -265,7 +410,14 @@ class Trainer:
         logits = logits[:, 0]  # The reference's classifier reads view 0.
       terms = {}
       total = tf.constant(0.0)
-      if stage.contrastive_loss_weight > 0:
+      if (stage.contrastive_loss_weight > 0 and
+          self.extensions.owns_contrastive_loss):  # GenSCL / momentum queue.
+        per_sample = self.extensions.contrastive_loss(outputs, labels,
+                                                      targets)
+        terms['contrastive_loss'] = (tf.reduce_sum(per_sample) /
+                                     plan.global_batch)
+        total += stage.contrastive_loss_weight * terms['contrastive_loss']
+      elif stage.contrastive_loss_weight > 0:
         per_sample = losses.supcon_loss(
             outputs[models.PROJECTION],
             labels if config.loss.use_labels else None,
@@ -279,6 +431,8 @@ class Trainer:
                                      plan.global_batch)
         total += stage.contrastive_loss_weight * terms['contrastive_loss']
       one_hot = tf.one_hot(labels, self.info.num_classes)
+      if targets is not None:  # Mixed and / or distilled soft targets.
+        one_hot = targets
       ce = keras.losses.categorical_crossentropy(
           one_hot, logits, from_logits=True,
           label_smoothing=config.loss.label_smoothing)
@@ -295,7 +449,15 @@ class Trainer:
       scaled = self.optimizer.scale_loss(total)
     grads = tape.gradient(scaled, self.train_vars)
     pairs = [(g, v) for g, v in zip(grads, self.train_vars) if g is not None]
+    if self._check_gradients:
+      # This replica's gradient norm, averaged over replicas by the SUM
+      # reduction; NaN / inf in any gradient makes it non-finite, which the
+      # host loop reports even when the loss itself is still finite.
+      terms['gradient_norm'] = (
+          tf.linalg.global_norm([g for g, _ in pairs]) /
+          self.strategy.num_replicas_in_sync)
     self.optimizer.apply_gradients(pairs)
+    self.extensions.after_step(images, labels, targets)  # EMA, enqueue.
     correct = tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)
     terms['loss'] = total
     terms['top_1_accuracy'] = tf.reduce_sum(correct) / plan.global_batch
@@ -304,10 +466,23 @@ class Trainer:
   def _make_loop(self):
     """tf.function running `num_steps` steps; returns their mean metrics."""
     strategy = self.strategy
+    replica_step = self._replica_step
+    # --use_xla: XLA-compile the per-replica step, as Keras' jit_compile does
+    # (the loop around it reads the iterator, which XLA cannot). TPU steps are
+    # compiled anyway; with several replicas on other devices the compiled
+    # step cannot reach each replica's variables (XLA places it on one
+    # device), so it stays off there.
+    if (self.config.runtime.use_xla and
+        not isinstance(strategy, tf.distribute.TPUStrategy)):
+      if strategy.num_replicas_in_sync == 1:
+        replica_step = tf.function(replica_step, jit_compile=True)
+      else:
+        logging.warning('--use_xla is ignored with %d replicas (only one '
+                        'replica or TPU).', strategy.num_replicas_in_sync)
 
     def loop_fn(iterator, num_steps):
       def one_step():
-        per_replica = strategy.run(self._replica_step, args=next(iterator))
+        per_replica = strategy.run(replica_step, args=next(iterator))
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
                 for k, v in per_replica.items()}
       # The first step outside the loop defines the loop-carried structure.
@@ -321,14 +496,106 @@ class Trainer:
 
   # --- the host loop --------------------------------------------------------
 
+  def _all_finite(self) -> bool:
+    """Whether every model and optimizer variable is finite."""
+    if self._finite_fn is None:
+      variables = [v for v in self.model.variables + self.optimizer.variables
+                   if tf.as_dtype(v.dtype).is_floating]
+
+      def all_finite():
+        return tf.reduce_all(tf.stack([
+            tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v)))
+            for v in variables]))
+      self._finite_fn = tf.function(all_finite)
+    return bool(self._finite_fn())
+
+  def _any_worker_stopping(self, local: bool) -> bool:
+    """True if this or (multi-worker) any worker received SIGTERM."""
+    if not self._multi_worker:
+      return local
+    if self._sync_fn is None:
+      strategy = self.strategy
+
+      def sync(flag):
+        per_replica = strategy.run(tf.identity, args=(flag,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
+                               axis=None)
+      self._sync_fn = tf.function(sync)
+    return float(self._sync_fn(tf.constant(float(local)))) > 0
+
+  def _save(self, step: int) -> str:
+    """Saves a checkpoint at `step`, never one holding non-finite values."""
+    if not self._all_finite():
+      raise NonFiniteError(
+          f'[{self.plan.name}] the weights or optimizer slots are not finite '
+          f'at step {step}; not saving them. The last checkpoint is kept; '
+          'lower the learning rate or check the inputs.')
+    return self.manager.save(checkpoint_number=step)
+
+  def _input_or_cluster_error(self, error: tf.errors.OpError, first: int,
+                              last_save: int) -> Exception:
+    """A clear error for a failure inside the loop, or `error` itself."""
+    text = str(error.message if hasattr(error, 'message') else error)
+    # The first line that says something ("Graph execution error:" does not).
+    lines = [l.strip() for l in text.splitlines() if l.strip() and not
+             l.strip().startswith(('Graph execution error', 'Detected at',
+                                   'File ', '[[', '{{'))]
+    first_line = (lines[0] if lines else text.strip())[:500]
+    if self._multi_worker and isinstance(
+        error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                tf.errors.CancelledError, tf.errors.AbortedError)):
+      return TrainingError(
+          f'[{self.plan.name}] a worker of the multi-worker job stopped or '
+          f'cannot be reached during steps {first + 1}.. ({type(error).__name__}'
+          f': {first_line}). Restart every worker with the same command; '
+          f'training resumes from the last checkpoint (step {last_save}).')
+    if isinstance(error, tf.errors.OutOfRangeError):
+      return datasets.DatasetError(
+          f'[{self.plan.name}] the training data of {self.info.name} ran out '
+          f'at step {first + 1}; is the split empty?')
+    if isinstance(error, tf.errors.InvalidArgumentError) and (
+        'IteratorGetNext' in text or 'Iterator' in text or
+        'decode' in text.lower()):
+      return datasets.DatasetError(
+          f'[{self.plan.name}] reading the training data of {self.info.name} '
+          f'failed during steps {first + 1}..: {first_line}. A corrupt or '
+          'truncated image or record file? Re-prepare the dataset (e.g. tfds '
+          'build --overwrite) and resume; training restarts from the last '
+          f'checkpoint (step {last_save}).')
+    return error
+
+  def _check_metrics(self, metrics: Dict[str, float], first: int, step: int,
+                     last_save: int):
+    """Raises NonFiniteError naming the steps and terms that are not finite."""
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if not bad:
+      return
+    where = (f'step {step}' if step == first + 1 else
+             f'steps {first + 1}..{step} (rerun with --steps_per_loop=1 to '
+             'find the first)')
+    raise NonFiniteError(
+        f'[{self.plan.name}] non-finite {", ".join(sorted(bad))} at {where}: '
+        f'{bad} (all terms, averaged over those steps: {metrics}). Nothing '
+        f'after the last checkpoint (step {last_save}) is saved; lower the '
+        'learning rate or check the inputs.')
+
   def train(self) -> Dict[str, float]:
-    """Runs the stage to its last step; returns the last metrics."""
+    """Runs the stage to its last step; returns the last metrics.
+
+    Raises:
+      NonFiniteError: a loss term, the gradient norm or the weights became
+        non-finite (nothing non-finite is saved).
+      Preempted: SIGTERM; a checkpoint of the current step was saved.
+      TrainingError: a peer of a multi-worker job failed.
+      datasets.DatasetError: the training data cannot be read.
+    """
     plan, runtime = self.plan, self.config.runtime
     step = self.restore_or_initialize()
     if step >= plan.total_steps:
       print(f'[{plan.name}] already complete ({step}/{plan.total_steps} '
             'steps).', flush=True)
       return {}
+    self.make_iterator(step)
     if self._loop_fn is None:
       self._loop_fn = self._make_loop()
     writer = (tf.summary.create_file_writer(self.log_dir) if self.is_chief
@@ -341,40 +608,58 @@ class Trainer:
             f'view(s), {self.strategy.num_replicas_in_sync} replica(s))',
             flush=True)
     metrics: Dict[str, float] = {}
-    last_save = step
-    while step < plan.total_steps:
-      n = min(runtime.steps_per_loop, plan.total_steps - step,
-              runtime.summary_interval_steps -
-              step % runtime.summary_interval_steps,
-              runtime.save_interval_steps - step % runtime.save_interval_steps)
-      t0 = time.time()
-      out = self._loop_fn(self.iterator, tf.constant(n, tf.int32))
-      metrics = {k: float(v) for k, v in out.items()}
-      seconds = time.time() - t0
-      step = int(self.optimizer.iterations.numpy())
-      bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
-      if bad:
-        raise FloatingPointError(
-            f'[{plan.name}] non-finite loss at step {step}: {bad} (all terms: '
-            f'{metrics}). The last checkpoint is kept; lower the learning '
-            'rate or check the inputs.')
-      lr = float(self.schedule(step - 1))
-      if step % runtime.summary_interval_steps == 0 or step >= plan.total_steps:
-        with writer.as_default(step=step):
-          for k, v in metrics.items():
-            tf.summary.scalar(k, v)
-          tf.summary.scalar('learning_rate', lr)
-          tf.summary.scalar('steps_per_second', n / max(seconds, 1e-9))
-          tf.summary.scalar('epoch', step / plan.steps_per_epoch)
-        writer.flush()
-      if (step % runtime.save_interval_steps == 0 or
-          step >= plan.total_steps):
-        self.manager.save(checkpoint_number=step)
-        last_save = step
-      if self.is_chief:
-        progress.update(step, metrics, lr)
+    last_save = first = step
+    error = None
+    with _StopSignal() as stop_signal:
+      try:
+        while step < plan.total_steps:
+          n = min(runtime.steps_per_loop, plan.total_steps - step,
+                  runtime.summary_interval_steps -
+                  step % runtime.summary_interval_steps,
+                  runtime.save_interval_steps -
+                  step % runtime.save_interval_steps)
+          first = step
+          t0 = time.time()
+          out = self._loop_fn(self.iterator, tf.constant(n, tf.int32))
+          metrics = {k: float(v) for k, v in out.items()}
+          seconds = time.time() - t0
+          step = int(self.optimizer.iterations.numpy())
+          self._check_metrics(metrics, first, step, last_save)
+          lr = float(self.schedule(step - 1))
+          if (step % runtime.summary_interval_steps == 0 or
+              step >= plan.total_steps):
+            with writer.as_default(step=step):
+              for k, v in metrics.items():
+                tf.summary.scalar(k, v)
+              tf.summary.scalar('learning_rate', lr)
+              tf.summary.scalar('steps_per_second', n / max(seconds, 1e-9))
+              tf.summary.scalar('epoch', step / plan.steps_per_epoch)
+            writer.flush()
+          # Checked once per chunk: a SIGTERM during a chunk stops training
+          # at its end, so keep a chunk shorter than the grace period.
+          stopping = self._any_worker_stopping(stop_signal.requested)
+          if (step % runtime.save_interval_steps == 0 or
+              step >= plan.total_steps or stopping):
+            path = self._save(step)
+            last_save = step
+          if self.is_chief:
+            progress.update(step, metrics, lr)
+          if stopping:
+            raise Preempted(plan.name, step, path)
+      except tf.errors.OpError as e:
+        self._release_input()
+        error = self._input_or_cluster_error(e, first, last_save)
+        if error is e:
+          raise
+      except BaseException:
+        self._release_input()
+        raise
+    if error is not None:
+      # Raised outside the handler: the TF error's traceback holds the input
+      # iterator (an argument of the loop), whose threads must stop.
+      raise error
     if last_save != step:
-      self.manager.save(checkpoint_number=step)
+      self._save(step)
     if not self.is_chief:
       tf.io.gfile.rmtree(self.ckpt_dir)  # Scratch copies of the chief's.
     return metrics
@@ -384,6 +669,10 @@ def train_stage(config: config_lib.ExperimentConfig,
                 strategy: tf.distribute.Strategy,
                 index: int) -> Dict[str, float]:
   """Trains stage `index` unless it has no steps."""
+  if not config.runtime.model_dir:
+    raise TrainingError(
+        f'--model_dir is required for --mode={config.runtime.mode.value} '
+        '(checkpoints, config.json and summaries go there).')
   stage = config.stage_1 if index == 1 else config.stage_2
   if stage.epochs <= 0:
     print(f'[{STAGE_DIRS[index]}] skipped: stage_{index}_epochs is 0.',
@@ -391,6 +680,8 @@ def train_stage(config: config_lib.ExperimentConfig,
     return {}
   if distribute.is_chief(strategy):
     checkpoints.write_config(config)
+  else:
+    checkpoints.check_config(config)  # Fail together with the chief.
   return Trainer(config, strategy, index).train()
 
 

