@@ -426,7 +426,8 @@ class Trainer:
             summation_location=config.loss.summation_location,
             denominator_mode=config.loss.denominator_mode,
             positives_cap=config.loss.positives_cap,
-            scale_by_temperature=config.loss.scale_by_temperature)
+            scale_by_temperature=config.loss.scale_by_temperature,
+            chunk_size=config.loss.loss_chunk_size or None)
         terms['contrastive_loss'] = (tf.reduce_sum(per_sample) /
                                      plan.global_batch)
         total += stage.contrastive_loss_weight * terms['contrastive_loss']
