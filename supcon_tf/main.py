@@ -41,9 +41,18 @@ def _handlers():
   return handlers
 
 
+_TRAINING_MODES = (enums.Mode.PRETRAIN, enums.Mode.CLASSIFIER, enums.Mode.TRAIN,
+                   enums.Mode.TRAIN_THEN_EVAL)
+
+
 def _preflight(config: config_lib.ExperimentConfig):
-  """Checks that would otherwise fail only after hours of training."""
-  if config.runtime.mode == enums.Mode.TRAIN_THEN_EVAL:
+  """Checks that would otherwise fail late (after imports or training)."""
+  mode = config.runtime.mode
+  if mode in _TRAINING_MODES and not config.runtime.model_dir:
+    raise config_lib.ConfigError(
+        f'--model_dir is required for --mode={mode.value} (checkpoints, '
+        'config.json and summaries go there).')
+  if mode == enums.Mode.TRAIN_THEN_EVAL:
     from supcon_tf import export  # pylint: disable=g-import-not-at-top
     export.check_export_dir(config)
 
@@ -64,8 +73,8 @@ def _user_errors():
 
 def run(config: config_lib.ExperimentConfig, strategy=None):
   """Runs `config.runtime.mode`; returns what the mode returns (e.g. metrics)."""
-  from supcon_tf import distribute  # pylint: disable=g-import-not-at-top
   _preflight(config)
+  from supcon_tf import distribute  # pylint: disable=g-import-not-at-top
   if strategy is None:
     r = config.runtime
     strategy = distribute.build_strategy(r.strategy, r.tpu, r.tpu_zone,
@@ -92,12 +101,13 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     return 2
   except Exception as e:  # pylint: disable=broad-except
-    from supcon_tf import train  # pylint: disable=g-import-not-at-top
-    if isinstance(e, train.Preempted):
-      print(str(e), file=sys.stderr, flush=True)
-      return train.PREEMPTED_EXIT_CODE
-    if not isinstance(e, _user_errors()):
-      raise
+    if not isinstance(e, config_lib.ConfigError):  # (Those import no TF.)
+      from supcon_tf import train  # pylint: disable=g-import-not-at-top
+      if isinstance(e, train.Preempted):
+        print(str(e), file=sys.stderr, flush=True)
+        return train.PREEMPTED_EXIT_CODE
+      if not isinstance(e, _user_errors()):
+        raise
     if FLAGS['verbosity'].present:
       traceback.print_exc()
     print(f'error: {e}', file=sys.stderr, flush=True)

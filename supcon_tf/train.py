@@ -40,6 +40,7 @@ from typing import Any, Dict, Optional
 
 from absl import logging
 import keras
+import numpy as np
 import tensorflow as tf
 
 from supcon_tf import checkpoints
@@ -300,7 +301,6 @@ class Trainer:
         self.checkpoint, self.ckpt_dir,
         max_to_keep=config.runtime.max_checkpoints_to_keep)
     self._loop_fn = None
-    self._finite_fn = None
     self._sync_fn = None
 
   # --- set-up ---------------------------------------------------------------
@@ -498,17 +498,16 @@ class Trainer:
   # --- the host loop --------------------------------------------------------
 
   def _all_finite(self) -> bool:
-    """Whether every model and optimizer variable is finite."""
-    if self._finite_fn is None:
-      variables = [v for v in self.model.variables + self.optimizer.variables
-                   if tf.as_dtype(v.dtype).is_floating]
+    """Whether every model and optimizer variable is finite.
 
-      def all_finite():
-        return tf.reduce_all(tf.stack([
-            tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v)))
-            for v in variables]))
-      self._finite_fn = tf.function(all_finite)
-    return bool(self._finite_fn())
+    Checked on the host, as the save is about to read every variable anyway;
+    this works for any strategy's variables (TPU ones included).
+    """
+    for v in self.model.variables + self.optimizer.variables:
+      if (tf.as_dtype(v.dtype).is_floating and
+          not np.all(np.isfinite(np.asarray(v.numpy(), np.float32)))):
+        return False
+    return True
 
   def _any_worker_stopping(self, local: bool) -> bool:
     """True if this or (multi-worker) any worker received SIGTERM."""
@@ -554,9 +553,9 @@ class Trainer:
       return datasets.DatasetError(
           f'[{self.plan.name}] the training data of {self.info.name} ran out '
           f'at step {first + 1}; is the split empty?')
-    if isinstance(error, tf.errors.InvalidArgumentError) and (
-        'IteratorGetNext' in text or 'Iterator' in text or
-        'decode' in text.lower()):
+    if isinstance(error, tf.errors.DataLossError) or (
+        isinstance(error, tf.errors.InvalidArgumentError) and
+        ('Iterator' in text or 'decode' in text.lower())):
       return datasets.DatasetError(
           f'[{self.plan.name}] reading the training data of {self.info.name} '
           f'failed during steps {first + 1}..: {first_line}. A corrupt or '

@@ -191,9 +191,6 @@ def _corrupt_images(directory):
         writer.write(record)
 
 
-@pytest.mark.skip(reason='Hangs while the trainer drops the failing input '
-                  'iterator (Trainer._release_input); reliability issue is '
-                  'still open.')
 def test_corrupt_image_files(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   variant = data_testing.write_tfds_dataset(
