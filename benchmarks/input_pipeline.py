@@ -8,7 +8,10 @@ other processes on a shared machine hits all configurations alike:
 1. Pipeline: `supcon_tf.data.pipeline.build_dataset` exactly as training
    runs it (digits upscaled by the random resized crop to --sizes, shuffled,
    repeated, 2 stateless-seeded views per image, batched, prefetched), per
-   augmentation type, with the ratio to IDENTITY (crop + flip only).
+   augmentation type, with the ratio to IDENTITY (crop + flip only). tf.data
+   computes several batches at once here (map and batch are fused), so each
+   round first takes 3 batches to reach a steady state, then times 8 (2 and
+   3 with --quick).
 2. Baselines: the policy alone on the same uint8 S x S images (uint8 in,
    float32 [0, 1] batches out), ours against the same policy from Keras 3
    (`keras.layers.RandAugment`; for SimCLR a `keras.layers.Pipeline` of
@@ -38,16 +41,14 @@ The Model Garden baseline needs `pip install --no-deps tf-models-official`
 imports (`tf_keras`, detection configs), so no other package is pulled in.
 Without it those columns read n/a.
 
-  python -m benchmarks.input_pipeline            # about 5 min on 2 cores
+  python -m benchmarks.input_pipeline            # 5-6 min on 2 busy cores
   python -m benchmarks.input_pipeline --quick    # about 2 min
   python -m benchmarks.input_pipeline --sizes 224 --out ''   # on a TPU host
 """
 
 import argparse
-import datetime
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import time
@@ -60,6 +61,7 @@ import keras  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+from benchmarks import _report  # pylint: disable=g-import-not-at-top
 from supcon_tf import config as config_lib  # pylint: disable=g-import-not-at-top
 from supcon_tf import enums  # pylint: disable=g-import-not-at-top
 from supcon_tf.data import augment  # pylint: disable=g-import-not-at-top
@@ -445,18 +447,23 @@ def main():
   start = time.perf_counter()
 
   def items(c: Candidate) -> int:
-    # About the same work per candidate: fewer batches for big images.
-    size = c.key[1]
+    table, size = c.key[:2]
+    if table == 'pipeline':
+      # Several batches are computed in parallel (map_and_batch fusion):
+      # after the warm-up the pipeline is in a steady state, and a window of
+      # many batches keeps the in-flight ones a small share of it.
+      return 3 if quick else 8
+    # Sequential maps: the window is exact; about the same work per window.
     if quick:
       return 2 if size <= 64 else 1
-    return 6 if size <= 64 else 2
+    return 8 if size <= 64 else 2
 
   mg, mg_info = load_model_garden_augment()
   results: Dict[Tuple, Candidate] = {}
   out = []
   if 'pipeline' in tables:
     candidates = pipeline_candidates(args.sizes, pipeline_batch)
-    _run_rounds(candidates, rounds, 1, items, 'pipeline')
+    _run_rounds(candidates, rounds, 2 if quick else 3, items, 'pipeline')
     results.update({c.key: c for c in candidates})
     out += ['', f'1. Training pipeline: build_dataset on digits, 2 views, '
             f'batch {pipeline_batch}; ratio = img/CPU-s over identity.',
@@ -481,9 +488,7 @@ def main():
   header = (
       f'# benchmarks/input_pipeline.py {"--quick" if quick else ""}: median '
       f'of {rounds} interleaved rounds, {time.perf_counter() - start:.0f} s\n'
-      f'# {datetime.date.today()}  {platform.processor() or platform.machine()}'
-      f'  {os.cpu_count()} CPUs  TF {tf.__version__}  Keras '
-      f'{keras.__version__}  tf-models-official '
+      f'{_report.machine_line()}  tf-models-official '
       f'{mg_info if mg is not None else "n/a (" + mg_info + ")"}\n'
       f'# load average {load_start:.1f} at the start, '
       f'{os.getloadavg()[0]:.1f} at the end (1 min); img/CPU-s = images per '
@@ -491,11 +496,7 @@ def main():
       'this shared machine gave.')
   text = header + '\n' + '\n'.join(out) + '\n'
   print('\n' + text)
-  if args.out:
-    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-    with open(args.out, 'w') as f:
-      f.write(text)
-    print(f'Written to {args.out}')
+  _report.save(text, args.out)
 
 
 if __name__ == '__main__':

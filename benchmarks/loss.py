@@ -27,6 +27,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+from benchmarks import _report  # pylint: disable=g-import-not-at-top
 from supcon_tf import losses  # pylint: disable=g-import-not-at-top
 
 
@@ -224,10 +225,7 @@ def run(args):
                'two (float32 rounding). Process CPU time (all threads) is '
                'less sensitive than wall time to other load on shared cores.')
   text = '\n'.join(lines) + '\n'
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      f.write(text)
+  _report.save(text, args.out)
   return text
 
 

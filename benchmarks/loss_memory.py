@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks import _report
+
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 
@@ -186,10 +188,7 @@ def run(args):
                'loss = sum of per-sample losses and |grad| = norm of its '
                'gradient w.r.t. the features, equal across configurations.')
   text = '\n'.join(lines) + '\n'
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'a' if args.append else 'w') as f:
-      f.write(text + ('\n' if args.append else ''))
+  _report.save(text + ('\n' if args.append else ''), args.out, args.append)
   return text
 
 

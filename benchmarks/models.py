@@ -21,9 +21,7 @@ compute capability 8.0+), float16 on older GPUs.
 """
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import time
 
@@ -33,6 +31,7 @@ import keras  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+from benchmarks import _report  # pylint: disable=g-import-not-at-top
 from supcon_tf import config  # pylint: disable=g-import-not-at-top
 from supcon_tf import models  # pylint: disable=g-import-not-at-top
 
@@ -162,17 +161,13 @@ def main():
       f'# benchmarks/models.py {"--full" if full else "--quick"}: '
       'SupConModel forward (training) + backward, median of '
       f'{rounds} interleaved rounds\n'
-      f'# {datetime.date.today()}  {platform.processor() or platform.machine()}'
-      f'  {os.cpu_count()} CPUs  device={args.device}  TF {tf.__version__}  '
-      f'Keras {keras.__version__}  total {time.perf_counter() - start:.0f} s  '
+      f'{_report.machine_line()}  device={args.device}  '
+      f'total {time.perf_counter() - start:.0f} s  '
       f'load average {os.getloadavg()[0]:.1f} (1 min, at the end)\n'
       '# ratio = images/s over the float32 / XLA-off row of the same model '
       'and size (higher is better)\n')
   print('\n' + header + table)
-  if args.out:
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, 'w') as f:
-      f.write(header + table + '\n')
+  _report.save(header + table + '\n', args.out)
 
 
 if __name__ == '__main__':

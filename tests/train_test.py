@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -287,3 +288,16 @@ def test_multi_worker_two_processes_agree(tmp_path):
   assert outputs[0]['step'] == outputs[1]['step'] == 2
   # Only the chief's checkpoints are kept in model_dir.
   assert checkpoints.latest_in(str(tmp_path / 'run' / 'pretrain'))
+
+
+def test_use_xla_step_trains_like_the_plain_step(tmp_path):
+  # --use_xla jit-compiles the per-replica step; same weights, same data.
+  metrics = {}
+  for xla in (False, True):
+    keras.utils.set_random_seed(0)
+    config = tiny_config(tmp_path / f'xla_{xla}', runtime__use_xla=xla)
+    metrics[xla] = train.Trainer(config, ONE_DEVICE, 1).train()
+  assert set(metrics[True]) == set(metrics[False])
+  for key in ('loss', 'contrastive_loss', 'cross_entropy_loss'):
+    np.testing.assert_allclose(metrics[True][key], metrics[False][key],
+                               rtol=2e-3, err_msg=key)

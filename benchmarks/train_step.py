@@ -1,0 +1,308 @@
+r"""Pretraining step throughput (XLA, mixed precision) and host-loop overhead.
+
+Both tables run the real `supcon_tf.train.Trainer` (stage 1, SupCon loss,
+momentum optimizer) on a tiny ResNet-18 (width 0.25, CIFAR stem, the model of
+tests/train_test.py) at 32 px on digits, 2 views per image.
+
+1. Step: `Trainer._make_loop()` (the per-replica step inside the host loop's
+   tf.function) fed one fixed batch from `pipeline.build_dataset`, so that the
+   input pipeline costs nothing, for --use_xla off / on x
+   --allow_mixed_precision off / on. Each variant is compiled first, then all
+   four are timed in interleaved rounds; median ms / step, source images / s
+   (each image is 2 views) and the throughput ratio to float32 without XLA.
+2. Host loop: `Trainer.train()` itself, with the real input pipeline, at
+   --steps_per_loop=1 and =20 (summaries and checkpoints out of the way), and
+   a lower bound: the same tf.function running all timed steps in one call
+   (the pure in-graph loop, no host work between steps). A wrapper around the
+   loop function records when each call starts and returns, so the host's
+   own time between calls (metrics to Python, checks, progress line) is
+   measured directly as well. t_N = wall time per step with steps_per_loop N;
+   overhead = t_N / t_inf - 1 and (t_1 - t_N) / t_N. The Trainer is resumed
+   for each measurement (same model, same traced loop, same input iterator),
+   the three settings interleaved in rounds.
+
+On a shared machine the wall times are noisy: the load average is printed,
+and CPU seconds per step are shown next to the wall times.
+
+  python -m benchmarks.train_step            # about 5 min on 2 cores
+  python -m benchmarks.train_step --quick    # about 2-3 min
+  python -m benchmarks.train_step --tpu=local --batch=1024 --out=''   # TPU VM
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+from typing import Dict, List
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import keras  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+from benchmarks import _report  # pylint: disable=g-import-not-at-top
+from supcon_tf import config as config_lib  # pylint: disable=g-import-not-at-top
+from supcon_tf import distribute  # pylint: disable=g-import-not-at-top
+from supcon_tf import enums  # pylint: disable=g-import-not-at-top
+from supcon_tf import models  # pylint: disable=g-import-not-at-top
+from supcon_tf import train  # pylint: disable=g-import-not-at-top
+from supcon_tf.data import pipeline  # pylint: disable=g-import-not-at-top
+
+
+def tiny_config(model_dir: str, batch: int, image_size: int,
+                **overrides) -> config_lib.ExperimentConfig:
+  """tests/train_test.py's tiny model, long enough not to stop on its own."""
+  return config_lib.ExperimentConfig().replace(
+      model__depth=18, model__width=0.25, model__first_conv_kernel_size=3,
+      model__first_conv_stride=1, model__use_initial_max_pool=False,
+      model__projection_head_layers=(32, 16),
+      data__dataset='digits', data__batch_size=batch,
+      augment__image_size=image_size,
+      augment__augmentation_type=enums.AugmentationType.SIMCLR,
+      augment__blur_probability=0.0,
+      stage_1__epochs=10_000, stage_1__warmup_epochs=0,
+      stage_1__optimizer=enums.Optimizer.MOMENTUM,
+      stage_1__base_learning_rate=0.1,
+      runtime__model_dir=model_dir, runtime__max_train_steps=10**6,
+      runtime__summary_interval_steps=10**6,
+      runtime__save_interval_steps=10**6, **overrides)
+
+
+def _sync(out: Dict[str, tf.Tensor]) -> float:
+  return float(out['loss'])
+
+
+# -----------------------------------------------------------------------------
+# Table 1: XLA x mixed precision.
+
+
+def step_table(args, strategy, model_root: str) -> str:
+  variants = []
+  for mixed in (False, True):
+    for xla in (False, True):
+      config = tiny_config(
+          os.path.join(model_root, f'step_{mixed}_{xla}'), args.batch,
+          args.image_size, runtime__use_xla=xla,
+          augment__allow_mixed_precision=mixed)
+      keras.utils.set_random_seed(0)
+      trainer = train.Trainer(config, strategy, 1)
+      batch = next(iter(pipeline.build_dataset(trainer.data_config, None,
+                                               training=True)))
+      fixed = strategy.experimental_distribute_dataset(
+          tf.data.Dataset.from_tensors(batch).repeat())
+      iterator = iter(fixed)
+      loop = trainer._make_loop()  # pylint: disable=protected-access
+      start = time.perf_counter()
+      _sync(loop(iterator, tf.constant(2)))  # Trace and compile.
+      compile_s = time.perf_counter() - start
+      variants.append(dict(
+          precision=(models.mixed_precision_policy() if mixed else 'float32'),
+          xla=xla, loop=loop, iterator=iterator, compile_s=compile_s,
+          wall=[], cpu=[]))
+      print(f'  step: built {variants[-1]["precision"]} xla={xla} '
+            f'({compile_s:.0f} s to compile)', flush=True)
+  steps = tf.constant(args.step_steps)
+  for v in variants:  # An untimed round: the first calls after building
+    _sync(v['loop'](v['iterator'], steps))  # all four are still slow.
+  for r in range(args.step_rounds):
+    for v in variants:
+      wall, cpu = time.perf_counter(), time.process_time()
+      _sync(v['loop'](v['iterator'], steps))
+      v['wall'].append((time.perf_counter() - wall) / args.step_steps)
+      v['cpu'].append((time.process_time() - cpu) / args.step_steps)
+    print(f'  step: round {r + 1}/{args.step_rounds}: ' + ' '.join(
+        f'{v["wall"][-1] * 1e3:.0f}' for v in variants) + ' ms/step',
+          flush=True)
+  base = statistics.median(variants[0]['wall'])
+  rows = []
+  for v in variants:
+    wall = statistics.median(v['wall'])
+    rows.append([v['precision'], 'on' if v['xla'] else 'off',
+                 f'{v["compile_s"]:.0f}', f'{wall * 1e3:.0f}',
+                 f'{statistics.median(v["cpu"]) * 1e3:.0f}',
+                 f'{args.batch / wall:.0f}', f'{base / wall:.2f}'])
+  return _format(['precision', 'xla', 'compile s', 'ms/step', 'CPU ms/step',
+                  'img/s', 'ratio'], rows)
+
+
+# -----------------------------------------------------------------------------
+# Table 2: host-loop overhead.
+
+
+class _TimedLoop:
+  """Wraps the Trainer's loop function; records (start, end, steps) per call.
+
+  The results are read back before returning, so `end` is when the steps
+  finished; the host loop converts them to Python right after anyway.
+  """
+
+  def __init__(self, fn):
+    self.fn = fn
+    self.calls = []
+
+  def __call__(self, iterator, num_steps):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    out = self.fn(iterator, num_steps)
+    for value in out.values():
+      value.numpy()
+    self.calls.append(dict(start=start, end=time.perf_counter(),
+                           cpu_start=cpu_start, cpu_end=time.process_time(),
+                           steps=int(num_steps)))
+    return out
+
+
+def _train_more(trainer: train.Trainer, steps_per_loop: int,
+                steps: int) -> List:
+  """Resumes `trainer` for `steps` more steps; returns its loop calls."""
+  step = int(trainer.optimizer.iterations.numpy())
+  trainer.config = trainer.config.replace(
+      runtime__steps_per_loop=steps_per_loop)
+  trainer.plan = dataclasses.replace(trainer.plan, total_steps=step + steps)
+  trainer._loop_fn.calls = []  # pylint: disable=protected-access
+  with open(os.devnull, 'w') as devnull, contextlib.redirect_stdout(devnull):
+    trainer.train()  # Progress lines go to /dev/null, as to a log file.
+  return trainer._loop_fn.calls  # pylint: disable=protected-access
+
+
+def _per_step(calls) -> Dict[str, float]:
+  """Seconds per step: in the loop function, between calls, in all; CPU."""
+  steps = sum(c['steps'] for c in calls)
+
+  def split(begin, end):
+    inside = sum(c[end] - c[begin] for c in calls)
+    gaps = [b[begin] - a[end] for a, b in zip(calls, calls[1:])]
+    # The gap after the last call is the end of train() (a checkpoint), not
+    # a step: the mean gap stands in for it.
+    return inside, statistics.mean(gaps) * len(calls) if gaps else 0.0
+
+  inside, host = split('start', 'end')
+  cpu_inside, cpu_host = split('cpu_start', 'cpu_end')
+  return dict(inside=inside / steps, host=host / steps,
+              total=(inside + host) / steps,
+              cpu=(cpu_inside + cpu_host) / steps)
+
+
+def loop_table(args, strategy, model_root: str) -> str:
+  config = tiny_config(os.path.join(model_root, 'loop'), args.batch,
+                       args.image_size, runtime__steps_per_loop=1)
+  keras.utils.set_random_seed(0)
+  trainer = train.Trainer(config, strategy, 1)
+  raw_loop = trainer._make_loop()  # pylint: disable=protected-access
+  trainer._loop_fn = _TimedLoop(raw_loop)  # pylint: disable=protected-access
+  # Resuming normally rebuilds the input stream at the resumed position; here
+  # one stream serves every measurement so that none pays its start-up.
+  make_iterator = trainer.make_iterator
+
+  def keep_iterator(start_step):
+    if trainer.iterator is None:
+      return make_iterator(start_step)
+    return trainer.iterator
+  trainer.make_iterator = keep_iterator
+  # Warm-up: trace the loop, fill the input pipeline's cache and buffers.
+  _train_more(trainer, args.loop_n, args.loop_n + 2)
+  results = {1: [], args.loop_n: [], 'inf': []}
+  for r in range(args.loop_rounds):
+    for n in (1, args.loop_n):
+      steps = args.loop_steps_1 if n == 1 else args.loop_steps
+      results[n].append(_per_step(_train_more(trainer, n, steps)))
+    bound = _TimedLoop(raw_loop)
+    bound(trainer.iterator, tf.constant(args.loop_steps))
+    results['inf'].append(_per_step(bound.calls))
+    print(f'  loop: round {r + 1}/{args.loop_rounds}', flush=True)
+
+  def med(key, part):
+    return statistics.median(x[part] for x in results[key])
+
+  t_inf, c_inf = med('inf', 'total'), med('inf', 'cpu')
+  t_n, c_n = med(args.loop_n, 'total'), med(args.loop_n, 'cpu')
+  rows = []
+  for key, name in ((1, 'steps_per_loop=1'),
+                    (args.loop_n, f'steps_per_loop={args.loop_n}'),
+                    ('inf', 'one in-graph loop (bound)')):
+    total = med(key, 'total')
+    host, cpu = med(key, 'host'), med(key, 'cpu')
+    rows.append([name, f'{total * 1e3:.1f}', f'{med(key, "inside") * 1e3:.1f}',
+                 f'{host * 1e3:.2f}', f'{host / total * 100:.2f}%',
+                 f'{cpu * 1e3:.0f}',
+                 f'{(total / t_inf - 1) * 100:+.1f}% / '
+                 f'{(cpu / c_inf - 1) * 100:+.1f}%',
+                 f'{(total - t_n) / t_n * 100:+.1f}% / '
+                 f'{(cpu - c_n) / c_n * 100:+.1f}%'])
+  return _format(['host loop', 'ms/step', 'in tf.function', 'host ms/step',
+                  'host share', 'CPU ms/step', 'vs bound (wall / CPU)',
+                  f'vs N={args.loop_n} (wall / CPU)'], rows)
+
+
+def _format(header: List[str], rows: List[List[str]]) -> str:
+  widths = [max(len(r[i]) for r in rows + [header])
+            for i in range(len(header))]
+
+  def line(row):
+    return '  '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(row, widths)))
+  return '\n'.join([line(header), line(['-' * w for w in widths])] +
+                   [line(r) for r in rows])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--quick', action='store_true',
+                      help='Batch 32, fewer steps and rounds.')
+  parser.add_argument('--batch', type=int, default=None,
+                      help='Global batch (images; 2 views each). Default 64.')
+  parser.add_argument('--image_size', type=int, default=32)
+  parser.add_argument('--tables', default='step,loop')
+  parser.add_argument('--loop_n', type=int, default=20)
+  parser.add_argument('--tpu', default='',
+                      help='TPU name or "local"; default: this host\'s '
+                      'devices (one GPU if there is one, else the CPU).')
+  parser.add_argument('--out', default='benchmarks/results/train_step.txt',
+                      help="Where to save the tables; '' = do not save.")
+  args = parser.parse_args()
+  quick = args.quick
+  args.batch = args.batch or (32 if quick else 64)
+  args.step_steps = 2 if quick else 3
+  args.step_rounds = 3 if quick else 5
+  args.loop_rounds = 1 if quick else 2
+  args.loop_steps = 2 * args.loop_n  # Two chunks: one gap measured.
+  args.loop_steps_1 = args.loop_n
+  tables = set(args.tables.split(','))
+  strategy = distribute.build_strategy(tpu=args.tpu)
+  load_start = os.getloadavg()[0]
+  start = time.perf_counter()
+  out = []
+  with tempfile.TemporaryDirectory() as model_root:
+    if 'step' in tables:
+      out += ['', f'1. Pretraining step, batch {args.batch} x 2 views at '
+              f'{args.image_size} px, input fixed in memory; median of '
+              f'{args.step_rounds} interleaved rounds of {args.step_steps} '
+              'steps; ratio = img/s over float32 without XLA.',
+              step_table(args, strategy, model_root)]
+    if 'loop' in tables:
+      out += ['', f'2. Host loop: Trainer.train() with the input pipeline, '
+              f'median of {args.loop_rounds} interleaved rounds '
+              f'({args.loop_steps_1} steps at N=1, {args.loop_steps} at '
+              f'N={args.loop_n} and in the bound). host ms/step = time '
+              'between loop calls per step (measured directly); vs bound = '
+              't_N / t_inf - 1; vs N = (t - t_N) / t_N; wall differences of '
+              'a few % are noise on a shared machine, CPU time is steadier.',
+              loop_table(args, strategy, model_root)]
+  device = strategy.extended.worker_devices[0]
+  header = (
+      f'# benchmarks/train_step.py {"--quick" if quick else ""}: tiny '
+      f'ResNet-18 (width 0.25), SupCon stage 1, digits, '
+      f'{time.perf_counter() - start:.0f} s\n'
+      f'{_report.machine_line()}  device={device}  '
+      f'{strategy.num_replicas_in_sync} replica(s)\n'
+      f'# load average {load_start:.1f} at the start, '
+      f'{os.getloadavg()[0]:.1f} at the end (1 min)')
+  text = header + '\n' + '\n'.join(out) + '\n'
+  print('\n' + text)
+  _report.save(text, args.out)
+
+
+if __name__ == '__main__':
+  main()
