@@ -24,6 +24,7 @@ from supcon_tf import train
 from supcon_tf.data import datasets
 from supcon_tf.data import mixing
 from supcon_tf.data import pipeline
+from tests.conftest import mirrored_strategy
 from tests.train_test import _mode
 from tests.train_test import tiny_config
 
@@ -157,6 +158,32 @@ def test_pretrain_with_queue_and_teacher(cutmix_genscl_run, tmp_path):
   queue = trainer.extensions.momentum.queue
   assert int(queue.count.numpy()) == 32
   assert bool(trainer.extensions.momentum.initialized.numpy())
+
+
+def test_mixup_genscl_queue_and_teacher_under_two_replicas(cutmix_genscl_run,
+                                                          tmp_path):
+  """Every extension at once, under MirroredStrategy with 2 replicas."""
+  _, _, teacher_dir = cutmix_genscl_run
+  config = tiny_config(tmp_path, augment__mix=enums.MixType.MIXUP,
+                       loss__contrastive_loss=enums.ContrastiveLoss.GENSCL,
+                       loss__queue_size=128, loss__teacher=teacher_dir,
+                       stage_1__cross_entropy_loss_weight=1.0)
+  metrics = _mode(config, enums.Mode.PRETRAIN, mirrored_strategy(2))
+  assert _finite(metrics) and metrics['contrastive_loss'] > 0
+  # The global batch is enqueued once per step: 2 steps x 16 images x 2
+  # views = 64 of the 128 slots (each replica enqueuing it would give 128).
+  prefix = checkpoints.latest_in(str(tmp_path / 'pretrain'))
+  count = [n for n, _ in tf.train.list_variables(prefix)
+           if 'momentum_contrast/queue/count' in n]
+  assert count and int(tf.train.load_variable(prefix, count[0])) == 64
+  features = [n for n, _ in tf.train.list_variables(prefix)
+              if 'momentum_contrast/queue/features' in n]
+  assert features
+  # The filled slots hold unit-norm keys, the rest are still zero.
+  stored = tf.train.load_variable(prefix, features[0])
+  np.testing.assert_allclose(np.linalg.norm(stored[:64], axis=-1), 1.0,
+                             rtol=1e-4)
+  assert not stored[64:].any()
 
 
 def test_prepare_mixes_and_blends_the_teacher(cutmix_genscl_run, tmp_path):

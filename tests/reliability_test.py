@@ -337,10 +337,6 @@ def _free_ports(n):
   return ports
 
 
-@pytest.mark.skipif(
-    not os.environ.get('SUPCON_SLOW_TESTS'),
-    reason='Slowest test of the suite (about 1.5-3 min: two worker processes '
-    'killed, restarted and stopped); run with SUPCON_SLOW_TESTS=1.')
 def test_multi_worker_peer_killed_then_restart_then_sigterm(tmp_path):
   """2 workers: kill -9 one, the survivor stops with a clear error in bounded
   time; both restarted resume from the checkpoint; SIGTERM to one stops both
