@@ -31,7 +31,7 @@ setuptools.setup(
         'scikit-learn',
     ],
     extras_require={
-        'test': ['pytest', 'pytest-timeout'],
+        'test': ['pytest', 'pytest-timeout', 'matplotlib'],
         'plot': ['matplotlib'],
     },
     entry_points={

@@ -5,7 +5,6 @@ the loss API, the serving signature, TF_CONFIG and model_dir misuse. Cheap
 checks first; the few that need a model share it.
 """
 
-import json
 import os
 import subprocess
 import sys

@@ -10,6 +10,7 @@ import tensorflow as tf
 from supcon_tf import genscl
 from supcon_tf import losses
 from tests.conftest import mirrored_strategy
+from tests.losses_test import replica_run
 
 
 def _normalized(shape, seed):
@@ -234,40 +235,6 @@ def test_bad_inputs_raise_clear_errors(kwargs, features_shape, labels, match):
 # --- Multi-replica exactness -------------------------------------------------
 
 
-def _replica_run(strategy, x, labels, w_init, loss_kwargs):
-  """Per-sample losses and summed gradients under `strategy`."""
-  global_batch = x.shape[0]
-  local = global_batch // strategy.num_replicas_in_sync
-  with strategy.scope():
-    w = tf.Variable(w_init)
-
-  def value_fn(ctx, array):
-    i = ctx.replica_id_in_sync_group
-    return tf.constant(array[i * local:(i + 1) * local])
-
-  xs = strategy.experimental_distribute_values_from_function(
-      lambda ctx: value_fn(ctx, x))
-  ys = strategy.experimental_distribute_values_from_function(
-      lambda ctx: value_fn(ctx, labels))
-
-  @tf.function
-  def step(xb, yb):
-    def replica_fn(xr, yr):
-      with tf.GradientTape() as tape:
-        z = tf.math.l2_normalize(tf.einsum('bvi,io->bvo', xr, w), axis=-1)
-        per_sample = genscl.genscl_loss(z, yr, **loss_kwargs)
-        scaled = tf.reduce_sum(per_sample) / global_batch
-      return per_sample, tape.gradient(scaled, w)
-    per_sample, grads = strategy.run(replica_fn, args=(xb, yb))
-    return per_sample, strategy.reduce(tf.distribute.ReduceOp.SUM, grads,
-                                       axis=None)
-
-  per_sample, grad = step(xs, ys)
-  per_sample = np.concatenate(
-      [t.numpy() for t in strategy.experimental_local_results(per_sample)])
-  return per_sample, grad.numpy()
-
-
 @pytest.mark.parametrize('loss_kwargs', [
     dict(),
     dict(contrast_mode='one_view', temperature=0.5, label_similarity='cosine'),
@@ -278,9 +245,10 @@ def test_mirrored_four_replicas_equal_single_device(loss_kwargs):
   labels = _soft_labels(8, 3, 18)
   w_init = rng.randn(5, 4).astype(np.float32)
   single = tf.distribute.OneDeviceStrategy('/cpu:0')
-  loss_1, grad_1 = _replica_run(single, x, labels, w_init, loss_kwargs)
-  loss_4, grad_4 = _replica_run(mirrored_strategy(4), x, labels, w_init,
-                                loss_kwargs)
+  loss_1, grad_1 = replica_run(single, x, labels, w_init, loss_kwargs,
+                               genscl.genscl_loss)
+  loss_4, grad_4 = replica_run(mirrored_strategy(4), x, labels, w_init,
+                               loss_kwargs, genscl.genscl_loss)
   np.testing.assert_allclose(loss_4, loss_1, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(grad_4, grad_1, rtol=1e-4, atol=1e-6)
   z = x @ w_init

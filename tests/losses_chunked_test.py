@@ -15,7 +15,7 @@ import tensorflow as tf
 from supcon_tf import config as config_lib
 from supcon_tf import losses
 from tests.conftest import mirrored_strategy
-from tests.losses_test import _replica_run
+from tests.losses_test import replica_run
 from tests.losses_test import numpy_supcon
 
 
@@ -150,8 +150,8 @@ def test_mirrored_four_replicas_equal_single_device_dense(loss_kwargs):
   w_init = rng.randn(5, 4).astype(np.float32)
   dense_kwargs = {k: v for k, v in loss_kwargs.items() if k != 'chunk_size'}
   single = tf.distribute.OneDeviceStrategy('/cpu:0')
-  loss_1, grad_1 = _replica_run(single, x, labels, w_init, dense_kwargs)
-  loss_4, grad_4 = _replica_run(mirrored_strategy(4), x, labels, w_init,
+  loss_1, grad_1 = replica_run(single, x, labels, w_init, dense_kwargs)
+  loss_4, grad_4 = replica_run(mirrored_strategy(4), x, labels, w_init,
                                 loss_kwargs)
   np.testing.assert_allclose(loss_4, loss_1, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(grad_4, grad_1, rtol=1e-4, atol=1e-6)

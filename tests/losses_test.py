@@ -332,8 +332,13 @@ def test_integer_features_rejected():
 # --- Multi-replica exactness -------------------------------------------------
 
 
-def _replica_run(strategy, x, labels, w_init, loss_kwargs):
-  """Per-sample losses and summed gradients under `strategy`."""
+def replica_run(strategy, x, labels, w_init, loss_kwargs,
+                loss_fn=losses.supcon_loss):
+  """Per-sample losses and summed gradients of `loss_fn` under `strategy`.
+
+  Features are l2_normalize(x @ w) with x [global_batch, views, in] split
+  evenly over the replicas; the gradient is with respect to w.
+  """
   global_batch = x.shape[0]
   replicas = strategy.num_replicas_in_sync
   local = global_batch // replicas
@@ -354,7 +359,7 @@ def _replica_run(strategy, x, labels, w_init, loss_kwargs):
     def replica_fn(xr, yr):
       with tf.GradientTape() as tape:
         z = tf.math.l2_normalize(tf.einsum('bvi,io->bvo', xr, w), axis=-1)
-        per_sample = losses.supcon_loss(z, yr, **loss_kwargs)
+        per_sample = loss_fn(z, yr, **loss_kwargs)
         # Explicit reduction by the global batch (DESIGN.md style rule 4).
         scaled = tf.reduce_sum(per_sample) / global_batch
       return per_sample, tape.gradient(scaled, w)
@@ -381,8 +386,8 @@ def test_mirrored_four_replicas_equal_single_device(loss_kwargs):
   w_init = rng.randn(5, 4).astype(np.float32)
   single = tf.distribute.OneDeviceStrategy('/cpu:0')
   mirrored = mirrored_strategy(4)
-  loss_1, grad_1 = _replica_run(single, x, labels, w_init, loss_kwargs)
-  loss_4, grad_4 = _replica_run(mirrored, x, labels, w_init, loss_kwargs)
+  loss_1, grad_1 = replica_run(single, x, labels, w_init, loss_kwargs)
+  loss_4, grad_4 = replica_run(mirrored, x, labels, w_init, loss_kwargs)
   np.testing.assert_allclose(loss_4, loss_1, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(grad_4, grad_1, rtol=1e-4, atol=1e-6)
   # And the gathered contrast set matters: per-local-batch losses differ.
@@ -402,7 +407,7 @@ def test_mirrored_simclr_and_one_hot_labels():
   single = tf.distribute.OneDeviceStrategy('/cpu:0')
   mirrored = mirrored_strategy(2)
   for labels in (one_hot, np.arange(8, dtype=np.int32)):
-    loss_1, grad_1 = _replica_run(single, x, labels, w_init, {})
-    loss_2, grad_2 = _replica_run(mirrored, x, labels, w_init, {})
+    loss_1, grad_1 = replica_run(single, x, labels, w_init, {})
+    loss_2, grad_2 = replica_run(mirrored, x, labels, w_init, {})
     np.testing.assert_allclose(loss_2, loss_1, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grad_2, grad_1, rtol=1e-4, atol=1e-6)

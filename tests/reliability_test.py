@@ -30,6 +30,7 @@ from supcon_tf import train
 from supcon_tf.data import pipeline
 from tests.conftest import mirrored_strategy
 from tests.train_test import ONE_DEVICE
+from tests.train_test import free_ports
 from tests.train_test import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -326,22 +327,11 @@ def test_export_dir_overwrite_rules(tmp_path):
   assert not (tmp_path / 'run' / 'pretrain').exists()
 
 
-def _free_ports(n):
-  import socket  # pylint: disable=g-import-not-at-top
-  socks = [socket.socket() for _ in range(n)]
-  for s in socks:
-    s.bind(('127.0.0.1', 0))
-  ports = [s.getsockname()[1] for s in socks]
-  for s in socks:
-    s.close()
-  return ports
-
-
 def test_multi_worker_peer_killed_then_restart_then_sigterm(tmp_path):
   """2 workers: kill -9 one, the survivor stops with a clear error in bounded
   time; both restarted resume from the checkpoint; SIGTERM to one stops both
   at the same step (exit 75)."""
-  ports = _free_ports(2)
+  ports = free_ports(2)
   cluster = {'worker': [f'127.0.0.1:{p}' for p in ports]}
   model_dir = tmp_path / 'run'
   argv = list(TINY_FLAGS) + [

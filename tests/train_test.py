@@ -246,7 +246,8 @@ def test_four_replicas_with_global_bn_equal_one_device(tmp_path):
   assert moved
 
 
-def _free_ports(n):
+def free_ports(n):
+  """`n` TCP ports on 127.0.0.1 free right now (for TF_CONFIG clusters)."""
   import socket  # pylint: disable=g-import-not-at-top
   socks = [socket.socket() for _ in range(n)]
   for s in socks:
@@ -258,7 +259,7 @@ def _free_ports(n):
 
 
 def test_multi_worker_two_processes_agree(tmp_path):
-  ports = _free_ports(2)
+  ports = free_ports(2)
   cluster = {'worker': [f'127.0.0.1:{p}' for p in ports]}
   config = tiny_config(tmp_path / 'run', stage_2__epochs=0,
                        runtime__max_train_steps=2)
