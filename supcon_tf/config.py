@@ -201,13 +201,17 @@ class ExperimentConfig:
     """Returns a copy with whole sections or `section__field` values replaced.
 
     Example: `config.replace(data__batch_size=32, loss__temperature=0.1)`.
-    The copy is validated.
+    Enum fields also take their members' names in any case
+    (`runtime__mode='train_then_eval'`), tuple fields any sequence. The copy
+    is validated.
     """
     updates: Dict[str, Any] = {}
     for key, value in sections.items():
       if '__' in key:
         section, field = key.split('__', 1)
         base = updates.get(section, getattr(self, section))
+        if field in {f.name for f in dataclasses.fields(base)}:
+          value = _coerce(type(base), field, value)
         updates[section] = dataclasses.replace(base, **{field: value})
       else:
         updates[key] = value
@@ -256,13 +260,22 @@ def _section_from_dict(section_cls: Type[Any], d: Dict[str, Any]):
     raise ConfigError(
         f'Unknown {section_cls.__name__} fields in config: {unknown}.')
   for name, value in d.items():
-    default = getattr(section_cls(), name)
-    if isinstance(default, enum.Enum):
-      value = enums.parse_enum(type(default), value)
-    elif isinstance(default, tuple):
-      value = tuple(value)
-    kwargs[name] = value
+    kwargs[name] = _coerce(section_cls, name, value)
   return section_cls(**kwargs)
+
+
+def _coerce(section_cls: Type[Any], name: str, value):
+  """`value` as the type of the field's default: enum names to members
+  (ConfigError naming the field if unknown), sequences to tuples."""
+  default = getattr(section_cls(), name)
+  if isinstance(default, enum.Enum):
+    try:
+      return enums.parse_enum(type(default), value)
+    except ValueError as e:
+      raise ConfigError(f'{section_cls.__name__}.{name}: {e}') from e
+  if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+    return tuple(value)
+  return value
 
 
 def diff(a: ExperimentConfig, b: ExperimentConfig) -> Dict[str, Tuple[Any, Any]]:

@@ -95,6 +95,17 @@ def test_config_is_frozen_and_json_round_trips():
   assert d['loss']['contrast_mode'] == 'one_view'
 
 
+def test_replace_coerces_enum_names_and_sequences():
+  c = config_lib.ExperimentConfig().replace(
+      runtime__mode='TRAIN_then_eval', loss__contrast_mode='one_view',
+      model__projection_head_layers=[64, 32])
+  assert c.runtime.mode is enums.Mode.TRAIN_THEN_EVAL
+  assert c.loss.contrast_mode is enums.LossContrastMode.ONE_VIEW
+  assert c.model.projection_head_layers == (64, 32)
+  with pytest.raises(config_lib.ConfigError, match=r'RuntimeConfig\.mode.*fit'):
+    config_lib.ExperimentConfig().replace(runtime__mode='fit')
+
+
 def test_replace_and_diff():
   c = config_lib.ExperimentConfig()
   c2 = c.replace(data__batch_size=32, loss__temperature=0.1)
