@@ -3,6 +3,7 @@
 import datetime
 import os
 import platform
+from typing import List
 
 
 def machine_line() -> str:
@@ -25,3 +26,15 @@ def save(text: str, path: str, append: bool = False) -> None:
   with open(path, 'a' if append else 'w') as f:
     f.write(text)
   print(f'Written to {path}')
+
+
+def format_table(header: List[str], rows: List[List[str]]) -> str:
+  """Aligned text table: first column left-aligned, the others right."""
+  widths = [max(len(r[i]) for r in rows + [header])
+            for i in range(len(header))]
+
+  def line(row):
+    return '  '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(row, widths)))
+  return '\n'.join([line(header), line(['-' * w for w in widths])] +
+                   [line(r) for r in rows])

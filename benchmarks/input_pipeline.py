@@ -363,17 +363,6 @@ def blur_candidates(sizes: List[int], batch: int) -> List[Candidate]:
 # Tables.
 
 
-def _format(header: List[str], rows: List[List[str]]) -> str:
-  widths = [max(len(r[i]) for r in rows + [header])
-            for i in range(len(header))]
-
-  def line(row):
-    return '  '.join(c.ljust(w) if i == 0 else c.rjust(w)
-                     for i, (c, w) in enumerate(zip(row, widths)))
-  return '\n'.join([line(header), line(['-' * w for w in widths])] +
-                   [line(r) for r in rows])
-
-
 def pipeline_table(results: Dict[Tuple, Candidate], sizes: List[int]) -> str:
   header = ['augmentation']
   for size in sizes:
@@ -387,7 +376,7 @@ def pipeline_table(results: Dict[Tuple, Candidate], sizes: List[int]) -> str:
       row += [f'{c.cpu_rate:.0f}', f'{c.wall_rate:.0f}',
               f'{c.cpu_rate / base.cpu_rate:.2f}']
     rows.append(row)
-  return _format(header, rows)
+  return _report.format_table(header, rows)
 
 
 def baseline_table(results: Dict[Tuple, Candidate], sizes: List[int]) -> str:
@@ -410,7 +399,7 @@ def baseline_table(results: Dict[Tuple, Candidate], sizes: List[int]) -> str:
       rows.append([policy, str(size), show(rates['ours']),
                    show(rates['keras']), show(rates['model_garden']),
                    ratio('keras'), ratio('model_garden')])
-  return _format(header, rows)
+  return _report.format_table(header, rows)
 
 
 def blur_table(results: Dict[Tuple, Candidate], sizes: List[int]) -> str:
@@ -425,7 +414,7 @@ def blur_table(results: Dict[Tuple, Candidate], sizes: List[int]) -> str:
       rows.append([name, str(size), str(augment.blur_radius(size)),
                    f'{c.cpu_rate:.0f}', f'{c.wall_rate:.0f}',
                    f'{c.cpu_rate / base.cpu_rate:.2f}'])
-  return _format(header, rows)
+  return _report.format_table(header, rows)
 
 
 def main():

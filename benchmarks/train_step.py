@@ -124,8 +124,8 @@ def step_table(args, strategy, model_root: str) -> str:
                  f'{v["compile_s"]:.0f}', f'{wall * 1e3:.0f}',
                  f'{statistics.median(v["cpu"]) * 1e3:.0f}',
                  f'{args.batch / wall:.0f}', f'{base / wall:.2f}'])
-  return _format(['precision', 'xla', 'compile s', 'ms/step', 'CPU ms/step',
-                  'img/s', 'ratio'], rows)
+  return _report.format_table(['precision', 'xla', 'compile s', 'ms/step',
+                               'CPU ms/step', 'img/s', 'ratio'], rows)
 
 
 # -----------------------------------------------------------------------------
@@ -231,20 +231,10 @@ def loop_table(args, strategy, model_root: str) -> str:
                  f'{(cpu / c_inf - 1) * 100:+.1f}%',
                  f'{(total - t_n) / t_n * 100:+.1f}% / '
                  f'{(cpu - c_n) / c_n * 100:+.1f}%'])
-  return _format(['host loop', 'ms/step', 'in tf.function', 'host ms/step',
-                  'host share', 'CPU ms/step', 'vs bound (wall / CPU)',
-                  f'vs N={args.loop_n} (wall / CPU)'], rows)
-
-
-def _format(header: List[str], rows: List[List[str]]) -> str:
-  widths = [max(len(r[i]) for r in rows + [header])
-            for i in range(len(header))]
-
-  def line(row):
-    return '  '.join(c.ljust(w) if i == 0 else c.rjust(w)
-                     for i, (c, w) in enumerate(zip(row, widths)))
-  return '\n'.join([line(header), line(['-' * w for w in widths])] +
-                   [line(r) for r in rows])
+  return _report.format_table(
+      ['host loop', 'ms/step', 'in tf.function', 'host ms/step', 'host share',
+       'CPU ms/step', 'vs bound (wall / CPU)',
+       f'vs N={args.loop_n} (wall / CPU)'], rows)
 
 
 def main():
