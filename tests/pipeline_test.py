@@ -172,3 +172,17 @@ def test_steps_per_epoch():
   assert pipeline.steps_per_epoch(info, 4096) == 1
   with pytest.raises(ValueError):
     pipeline.steps_per_epoch(info, 0)
+
+
+def test_epochs_run_in_order_and_end_on_an_empty_source():
+  source = tf.data.Dataset.range(3)
+
+  def one_epoch(epoch):
+    return tf.data.Dataset.range(epoch * 10, epoch * 10 + 2)
+
+  stream = pipeline._epochs(2, one_epoch, source)  # pylint: disable=protected-access
+  assert [int(x) for x in stream.take(5)] == [20, 21, 30, 31, 40]
+  # No data: the stream ends at once instead of running through
+  # _MAX_EPOCHS empty epochs inside one GetNext (a hang, see _epochs).
+  empty = pipeline._epochs(0, lambda e: source.take(0), source.take(0))  # pylint: disable=protected-access
+  assert list(empty) == []
