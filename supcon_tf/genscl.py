@@ -130,6 +130,38 @@ def labels_tensor(labels, name: str):
   return tf.cast(labels, tf.float32)
 
 
+def extra_contrast_samples(labels, local_batch, extra_features, extra_labels,
+                           extra_mask, label_similarity: str, name: str):
+  """Extra contrast samples (e.g. a momentum queue) as the losses use them.
+
+  Args:
+    labels: None or this replica's labels, from `labels_tensor`.
+    local_batch: number of local samples (rows of the similarity).
+    extra_features: float [m, dim]; no gradient flows into them.
+    extra_labels: labels of the extra samples, the same kind as `labels`.
+    extra_mask: None (all valid) or float [m], 0 for empty slots.
+    label_similarity: `label_similarity_matrix` kind.
+    name: the calling loss, for error messages.
+
+  Returns:
+    (features float32 [m, dim], mask float32 [m], similarity float32
+    [local_batch, m] of each local sample to each extra one; 0 without
+    labels).
+  """
+  extra = tf.stop_gradient(tf.cast(tf.convert_to_tensor(extra_features),
+                                   tf.float32))
+  num_extra = tf.shape(extra)[0]
+  mask = (tf.ones([num_extra], tf.float32) if extra_mask is None else
+          tf.cast(tf.convert_to_tensor(extra_mask), tf.float32))
+  if labels is None:
+    similarity = tf.zeros([local_batch, num_extra], tf.float32)
+  else:
+    extra_labels = tf.stop_gradient(labels_tensor(extra_labels, name))
+    similarity = label_similarity_matrix(labels, extra_labels,
+                                         label_similarity)
+  return extra, mask, similarity
+
+
 def label_similarity_matrix(row_labels: tf.Tensor, column_labels: tf.Tensor,
                             kind: str = 'dot') -> tf.Tensor:
   """Label similarity [rows, columns]: equality of ids, or <y_i, y_j>.
@@ -229,18 +261,10 @@ def genscl_loss(features,
   weights = tf.tile(weights, [num_anchor_views, num_views])
 
   if extra_features is not None:
-    extra = tf.stop_gradient(tf.cast(tf.convert_to_tensor(extra_features),
-                                     tf.float32))
-    num_extra = tf.shape(extra)[0]
-    mask = (tf.ones([num_extra], tf.float32) if extra_mask is None else
-            tf.cast(tf.convert_to_tensor(extra_mask), tf.float32))
+    extra, mask, extra_weights = extra_contrast_samples(
+        labels, local_batch, extra_features, extra_labels, extra_mask,
+        label_similarity, name)
     extra_logits = tf.matmul(anchors / temperature, extra, transpose_b=True)
-    if labels is None:
-      extra_weights = tf.zeros([local_batch, num_extra], tf.float32)
-    else:
-      extra_labels = tf.stop_gradient(labels_tensor(extra_labels, name))
-      extra_weights = label_similarity_matrix(labels, extra_labels,
-                                              label_similarity)
     extra_weights = tf.tile(extra_weights * mask[None, :],
                             [num_anchor_views, 1])
     logits = tf.concat([logits, extra_logits], axis=1)

@@ -244,18 +244,10 @@ def supcon_loss_with_queue(
   included = tf.ones_like(logits, tf.bool)
 
   if queue_features is not None:
-    queue = tf.stop_gradient(tf.cast(tf.convert_to_tensor(queue_features),
-                                     tf.float32))
-    size = tf.shape(queue)[0]
-    mask = (tf.ones([size], tf.float32) if queue_mask is None else
-            tf.cast(tf.convert_to_tensor(queue_mask), tf.float32))
+    queue, mask, queue_same = genscl.extra_contrast_samples(
+        labels, local_batch, queue_features, queue_labels, queue_mask, 'dot',
+        name)
     queue_logits = tf.matmul(anchors, queue, transpose_b=True)
-    if labels is None:
-      queue_same = tf.zeros([local_batch, size], tf.float32)
-    else:
-      queue_labels = tf.stop_gradient(
-          genscl.labels_tensor(queue_labels, name))
-      queue_same = genscl.label_similarity_matrix(labels, queue_labels)
     queue_same = tf.tile(queue_same, [num_anchor_views, 1])
     logits = tf.concat([logits, queue_logits], axis=1)
     positives = tf.concat([positives, queue_same * mask], axis=1)
