@@ -1,0 +1,1 @@
+"""Evaluation: one runner and one results writer; classify, kNN, retrieval, monitor, corruptions, plots, report."""

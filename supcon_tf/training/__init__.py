@@ -1,0 +1,1 @@
+"""Training: the trainer (host loop, restore, save, preemption), the step, extensions, checkpoints."""
