@@ -48,7 +48,7 @@ from supcon_tf import config as config_lib  # pylint: disable=g-import-not-at-to
 from supcon_tf import distribute  # pylint: disable=g-import-not-at-top
 from supcon_tf import enums  # pylint: disable=g-import-not-at-top
 from supcon_tf import models  # pylint: disable=g-import-not-at-top
-from supcon_tf import train  # pylint: disable=g-import-not-at-top
+from supcon_tf.training import trainer as train  # pylint: disable=g-import-not-at-top
 from supcon_tf.data import pipeline  # pylint: disable=g-import-not-at-top
 
 

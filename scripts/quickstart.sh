@@ -39,4 +39,4 @@ for method in $methods; do
 done
 echo
 echo "=== Results on the digits test split (360 images) ==="
-.venv/bin/python -m supcon_tf.report "${dirs[@]}"
+.venv/bin/python -m supcon_tf.evaluation.report "${dirs[@]}"

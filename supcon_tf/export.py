@@ -27,7 +27,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from supcon_tf import checkpoints
+from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import models
 from supcon_tf.data import augment

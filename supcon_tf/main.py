@@ -8,7 +8,7 @@ validated, and everything below receives it.
 
 Exit status: 0 done; 1 an error with a one-line message naming the problem
 (`--verbosity=1` adds the traceback), or a usage error (bad flag values);
-2 a mode that is not implemented; 75 (`train.PREEMPTED_EXIT_CODE`) stopped by
+2 a mode that is not implemented; 75 (`trainer.PREEMPTED_EXIT_CODE`) stopped by
 SIGTERM after saving a checkpoint: run the same command again to resume.
 """
 
@@ -60,13 +60,13 @@ def _preflight(config: config_lib.ExperimentConfig):
 def _user_errors():
   """Errors whose message says all (no traceback needed)."""
   # pylint: disable=g-import-not-at-top
-  from supcon_tf import checkpoints
+  from supcon_tf.training import checkpoints
   from supcon_tf import distribute
   from supcon_tf import export
-  from supcon_tf import train
+  from supcon_tf.training import trainer
   from supcon_tf.data import datasets
   # pylint: enable=g-import-not-at-top
-  return (config_lib.ConfigError, train.TrainingError,
+  return (config_lib.ConfigError, trainer.TrainingError,
           checkpoints.CheckpointError, datasets.DatasetError,
           export.ExportError, distribute.TFConfigError)
 
@@ -102,10 +102,10 @@ def main(argv):
     return 2
   except Exception as e:  # pylint: disable=broad-except
     if not isinstance(e, config_lib.ConfigError):  # (Those import no TF.)
-      from supcon_tf import train  # pylint: disable=g-import-not-at-top
-      if isinstance(e, train.Preempted):
+      from supcon_tf.training import trainer  # pylint: disable=g-import-not-at-top
+      if isinstance(e, trainer.Preempted):
         print(str(e), file=sys.stderr, flush=True)
-        return train.PREEMPTED_EXIT_CODE
+        return trainer.PREEMPTED_EXIT_CODE
       if not isinstance(e, _user_errors()):
         raise
     if FLAGS['verbosity'].present:

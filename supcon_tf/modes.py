@@ -8,37 +8,39 @@ import os
 from typing import Any, Callable, Dict
 
 from supcon_tf import config as config_lib
+from supcon_tf import distribute
 from supcon_tf import enums
 from supcon_tf import export
-from supcon_tf import train
+from supcon_tf.evaluation import classify
+from supcon_tf.training import trainer
 
 Handler = Callable[[config_lib.ExperimentConfig, Any], Any]
 
 
 def run_pretrain(config, strategy):
-  return train.train_stage(config, strategy, 1)
+  return trainer.train_stage(config, strategy, 1)
 
 
 def run_classifier(config, strategy):
-  return train.train_stage(config, strategy, 2)
+  return trainer.train_stage(config, strategy, 2)
 
 
 def run_train(config, strategy):
-  return {'pretrain': train.train_stage(config, strategy, 1),
-          'classifier': train.train_stage(config, strategy, 2)}
+  return {'pretrain': trainer.train_stage(config, strategy, 1),
+          'classifier': trainer.train_stage(config, strategy, 2)}
 
 
 def run_train_then_eval(config, strategy):
   """Both stages, eval, then export (as the reference's train_then_eval)."""
   run_train(config, strategy)
-  results = train.evaluate(config, strategy)
-  if train.distribute.is_chief(strategy):
+  results = classify.evaluate(config, strategy)
+  if distribute.is_chief(strategy):
     export.export_saved_model(config, strategy)
   return results
 
 
 def run_eval(config, strategy):
-  return train.evaluate(config, strategy)
+  return classify.evaluate(config, strategy)
 
 
 def run_export(config, strategy):
@@ -49,7 +51,7 @@ def run_show_augmentations(config, strategy):
   del strategy
   from supcon_tf.data import visualize  # pylint: disable=g-import-not-at-top
   if not config.runtime.model_dir:
-    raise train.TrainingError(
+    raise trainer.TrainingError(
         '--model_dir is required for show_augmentations.')
   path = visualize.save_augmentation_grid(
       config, os.path.join(config.runtime.model_dir, 'augmentations.png'))
@@ -58,17 +60,17 @@ def run_show_augmentations(config, strategy):
 
 
 def run_eval_knn(config, strategy):
-  from supcon_tf import knn  # pylint: disable=g-import-not-at-top
+  from supcon_tf.evaluation import knn  # pylint: disable=g-import-not-at-top
   return knn.run_eval_knn(config, strategy)
 
 
 def run_eval_corruptions(config, strategy):
-  from supcon_tf import corruptions  # pylint: disable=g-import-not-at-top
+  from supcon_tf.evaluation import corruptions  # pylint: disable=g-import-not-at-top
   return corruptions.run_eval_corruptions(config, strategy)
 
 
 def run_plot_embeddings(config, strategy):
-  from supcon_tf import plots  # pylint: disable=g-import-not-at-top
+  from supcon_tf.evaluation import plots  # pylint: disable=g-import-not-at-top
   return plots.run_plot_embeddings(config, strategy)
 
 

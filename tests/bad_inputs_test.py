@@ -14,14 +14,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from supcon_tf import checkpoints
+from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import distribute
 from supcon_tf import enums
 from supcon_tf import export
 from supcon_tf import losses
-from supcon_tf import train
+from supcon_tf.training import trainer as train
 from supcon_tf.data import datasets
+from supcon_tf.evaluation import classify
+from supcon_tf import models
 from tests import data_testing
 from tests.train_test import ONE_DEVICE
 from tests.train_test import tiny_config
@@ -150,13 +152,13 @@ def test_missing_model_dir():
     train.train_stage(config, ONE_DEVICE, 1)
   with pytest.raises(checkpoints.CheckpointError,
                      match='--model_dir is required for --mode=eval'):
-    train.evaluate(config.replace(runtime__mode=enums.Mode.EVAL), ONE_DEVICE)
+    classify.evaluate(config.replace(runtime__mode=enums.Mode.EVAL), ONE_DEVICE)
 
 
 def test_eval_and_export_without_checkpoint(tmp_path):
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"No checkpoint in --model_dir=.*: train first"):
-    train.evaluate(tiny_config(tmp_path), ONE_DEVICE)
+    classify.evaluate(tiny_config(tmp_path), ONE_DEVICE)
   with pytest.raises(checkpoints.CheckpointError, match='No checkpoint'):
     export.export_saved_model(tiny_config(tmp_path))
 
@@ -297,7 +299,7 @@ def serving(tmp_path_factory):
   directory = tmp_path_factory.mktemp('export')
   config = tiny_config(directory / 'run')
   info = datasets.get_dataset_info(config.data)
-  model = checkpoints.build_model(config, info)
+  model = models.build_experiment_model(config, info.num_classes)
   path = export.export_saved_model(config, model=model,
                                    export_dir=str(directory / 'sm'))
   return tf.saved_model.load(path).signatures[export.SIGNATURE_KEY]

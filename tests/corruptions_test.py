@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from supcon_tf import checkpoints
-from supcon_tf import corruptions
+from supcon_tf.training import checkpoints
+from supcon_tf.evaluation import corruptions
 from supcon_tf import enums
 from supcon_tf import models
 from supcon_tf.data import datasets

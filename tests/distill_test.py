@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from supcon_tf import config as config_lib
-from supcon_tf import distill
+from supcon_tf.training import distill
 from tests.conftest import mirrored_strategy
 
 SIZE, CLASSES = 4, 3

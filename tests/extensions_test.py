@@ -14,16 +14,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from supcon_tf import checkpoints
+from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
-from supcon_tf import distill
+from supcon_tf.training import distill
 from supcon_tf import enums
 from supcon_tf import export
-from supcon_tf import extensions
-from supcon_tf import train
+from supcon_tf.training import extensions
+from supcon_tf.training import trainer as train
 from supcon_tf.data import datasets
 from supcon_tf.data import mixing
 from supcon_tf.data import pipeline
+from supcon_tf import models
 from tests.conftest import mirrored_strategy
 from tests.train_test import _mode
 from tests.train_test import tiny_config
@@ -193,7 +194,7 @@ def test_prepare_mixes_and_blends_the_teacher(cutmix_genscl_run, tmp_path):
                        loss__teacher=teacher_dir, loss__teacher_weight=0.25,
                        loss__teacher_temperature=2.0)
   info = datasets.get_dataset_info(config.data)
-  model = checkpoints.build_model(config, info)
+  model = models.build_experiment_model(config, info.num_classes)
   ext = extensions.TrainStepExtensions(config, info, model, 1)
   assert ext.owns_contrastive_loss and ext.momentum is None
   images = np.random.RandomState(0).rand(4, 2, 16, 16, 3).astype(np.float32)
@@ -201,7 +202,7 @@ def test_prepare_mixes_and_blends_the_teacher(cutmix_genscl_run, tmp_path):
   mixed, targets = ext.prepare(images, labels, tf.constant(7, tf.int64))
   fold_in = tf.random.experimental.stateless_fold_in
   seed = fold_in(fold_in(
-      tf.constant([config.data.seed, extensions._MIX_SALT], tf.int64),  # pylint: disable=protected-access
+      tf.constant([config.data.seed, extensions.MIX_SALT], tf.int64),
       tf.constant(7, tf.int64)), tf.constant(0, tf.int64))  # Replica 0.
   want_images, want_labels = mixing.mixup(images, np.eye(10)[labels], 1.0,
                                           seed)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from supcon_tf import genscl
+from supcon_tf.losses import genscl
 from supcon_tf import losses
 from tests.conftest import mirrored_strategy
 from tests.losses_test import replica_run

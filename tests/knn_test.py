@@ -9,10 +9,10 @@ import pytest
 import tensorflow as tf
 
 from supcon_tf import enums
-from supcon_tf import inference
-from supcon_tf import knn
+from supcon_tf.evaluation import runner as inference
+from supcon_tf.evaluation import knn
 from supcon_tf import models
-from supcon_tf import plots
+from supcon_tf.evaluation import plots
 from tests import analysis_testing
 from tests.conftest import mirrored_strategy
 from tests.train_test import tiny_config

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from supcon_tf import losses
 from supcon_tf import models
-from supcon_tf import momentum
+from supcon_tf.training import momentum
 from tests.conftest import mirrored_strategy
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy('/cpu:0')
@@ -207,17 +207,17 @@ def test_empty_queue_equals_plain_loss(kwargs):
   f = _normalized([6, 2, 5], 1)
   labels = np.array([0, 1, 0, 2, 1, 0])
   want = losses.supcon_loss(f, labels, **kwargs).numpy()
-  empty = momentum.supcon_loss_with_queue(
+  empty = losses.supcon_loss_with_queue(
       f, labels, np.zeros([0, 5], np.float32), np.zeros([0], np.int32),
       **kwargs)
   np.testing.assert_allclose(empty.numpy(), want, rtol=1e-5, atol=1e-6)
   # A queue whose slots are all unfilled, and no queue at all, too.
-  masked = momentum.supcon_loss_with_queue(
+  masked = losses.supcon_loss_with_queue(
       f, labels, _normalized([4, 5], 2), np.array([0, 1, 2, 0]),
       queue_mask=np.zeros(4), **kwargs)
   np.testing.assert_allclose(masked.numpy(), want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(
-      momentum.supcon_loss_with_queue(f, labels, **kwargs).numpy(), want,
+      losses.supcon_loss_with_queue(f, labels, **kwargs).numpy(), want,
       rtol=1e-5, atol=1e-6)
 
 
@@ -226,7 +226,7 @@ def test_empty_queue_equals_plain_loss_simclr_and_soft_labels():
   soft = np.array([[.7, .3], [.2, .8], [1, 0], [.5, .5]], np.float32)
   for labels, queue_labels in ((None, None), (soft, np.zeros([0, 2]))):
     np.testing.assert_allclose(
-        momentum.supcon_loss_with_queue(f, labels, np.zeros([0, 3]),
+        losses.supcon_loss_with_queue(f, labels, np.zeros([0, 3]),
                                         queue_labels).numpy(),
         losses.supcon_loss(f, labels).numpy(), rtol=1e-5, atol=1e-6)
 
@@ -238,7 +238,7 @@ def test_queue_loss_matches_numpy(kwargs):
   queue = _normalized([6, 4], 5)
   queue_labels = np.array([3, 0, 2, 2, 1, 3])
   mask = np.array([1, 1, 1, 0, 1, 0], np.float32)
-  got = momentum.supcon_loss_with_queue(f, labels, queue, queue_labels,
+  got = losses.supcon_loss_with_queue(f, labels, queue, queue_labels,
                                         queue_mask=mask, **kwargs).numpy()
   keep = mask > 0
   want = numpy_supcon_with_queue(f, labels, queue[keep], queue_labels[keep],
@@ -246,14 +246,14 @@ def test_queue_loss_matches_numpy(kwargs):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   # SimCLR: every queue entry is a negative.
   np.testing.assert_allclose(
-      momentum.supcon_loss_with_queue(f, None, queue, None, **kwargs).numpy(),
+      losses.supcon_loss_with_queue(f, None, queue, None, **kwargs).numpy(),
       numpy_supcon_with_queue(f, None, queue, None, **kwargs), rtol=1e-5,
       atol=1e-6)
 
 
 def test_positives_cap_is_rejected():
   with pytest.raises(ValueError, match='positives_cap'):
-    momentum.supcon_loss_with_queue(_normalized([2, 2, 3], 0), [0, 1],
+    losses.supcon_loss_with_queue(_normalized([2, 2, 3], 0), [0, 1],
                                     positives_cap=2)
 
 
@@ -275,7 +275,7 @@ def test_queue_loss_four_replicas_equal_single_device():
       def replica_fn(xr, yr):
         with tf.GradientTape() as tape:
           z = tf.math.l2_normalize(tf.einsum('bvi,io->bvo', xr, w), axis=-1)
-          per_sample = momentum.supcon_loss_with_queue(
+          per_sample = losses.supcon_loss_with_queue(
               z, yr, queue, queue_labels, queue_mask=mask,
               denominator_mode='one_positive')
           scaled = tf.reduce_sum(per_sample) / 8

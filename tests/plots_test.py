@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 from supcon_tf import enums
-from supcon_tf import knn
-from supcon_tf import plots
+from supcon_tf.evaluation import knn
+from supcon_tf.evaluation import plots
 from tests import analysis_testing
 from tests.train_test import tiny_config
 

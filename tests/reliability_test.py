@@ -22,12 +22,12 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config_lib
 
-from supcon_tf import checkpoints
+from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import enums
 from supcon_tf import export
 from supcon_tf import losses
-from supcon_tf import train
+from supcon_tf.training import trainer as train
 from supcon_tf.data import pipeline
 from tests.conftest import mirrored_strategy
 from tests.train_test import ONE_DEVICE

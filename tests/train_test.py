@@ -15,12 +15,13 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from supcon_tf import checkpoints
+from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import enums
 from supcon_tf import main as main_lib
-from supcon_tf import train
+from supcon_tf.training import trainer as train
 from supcon_tf.data import datasets
+from supcon_tf import models
 from tests import data_testing
 from tests.conftest import mirrored_strategy
 
@@ -117,7 +118,7 @@ def test_modes_one_by_one_and_resume(tmp_path, capsys):
   _mode(config, enums.Mode.CLASSIFIER)
   # Stage 2 really starts from the pretrained encoder...
   info = train.datasets.get_dataset_info(config.data)
-  pre = checkpoints.build_model(config, info)
+  pre = models.build_experiment_model(config, info.num_classes)
   checkpoints.restore_parts(pre, checkpoints.latest_in(
       str(tmp_path / 'pretrain')), True, True, False)
   post = checkpoints.load_model_for_inference(config, info)
@@ -203,7 +204,7 @@ def test_warm_start_parts_from_reference_ckpt(tmp_path):
   # The projection head was not asked for, so it keeps its fresh init.
   assert not np.array_equal(src_model.projection_head.weights[0].numpy(),
                             trainer.model.projection_head.weights[0].numpy())
-  assert not trainer.bn_training  # Reference: BN in inference when warm.
+  assert not trainer.step.bn_training  # Reference: BN in inference when warm.
 
 
 def test_mock_tfds_dataset_train_then_eval(tmp_path):

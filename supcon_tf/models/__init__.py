@@ -3,7 +3,7 @@
 Public API:
   build_encoder, feature_dim                      (resnet.py)
   ProjectionHead, ClassificationHead, l2_normalize (heads.py)
-  SupConModel, build_model, mixed_precision_policy,
+  SupConModel, build_model, build_experiment_model, mixed_precision_policy,
   EMBEDDING, NORMALIZED_EMBEDDING, PROJECTION, LOGITS, OUTPUT_KEYS
                                                   (supcon_model.py)
   weight_decay_variables, l2_weight_decay         (weight_decay.py)
@@ -14,6 +14,7 @@ from supcon_tf.models.heads import l2_normalize
 from supcon_tf.models.heads import ProjectionHead
 from supcon_tf.models.resnet import build_encoder
 from supcon_tf.models.resnet import feature_dim
+from supcon_tf.models.supcon_model import build_experiment_model
 from supcon_tf.models.supcon_model import build_model
 from supcon_tf.models.supcon_model import EMBEDDING
 from supcon_tf.models.supcon_model import LOGITS
@@ -27,7 +28,7 @@ from supcon_tf.models.weight_decay import weight_decay_variables
 
 __all__ = [
     'build_encoder', 'feature_dim', 'ProjectionHead', 'ClassificationHead',
-    'l2_normalize', 'SupConModel', 'build_model', 'mixed_precision_policy',
+    'l2_normalize', 'SupConModel', 'build_model', 'build_experiment_model', 'mixed_precision_policy',
     'EMBEDDING', 'NORMALIZED_EMBEDDING', 'PROJECTION', 'LOGITS', 'OUTPUT_KEYS',
     'weight_decay_variables', 'l2_weight_decay',
 ]

@@ -243,3 +243,15 @@ def build_model(model_config: config_lib.ModelConfig,
           c.stop_gradient_before_classification_head))
   model.build((None, None, None, 3))
   return model
+
+
+def build_experiment_model(config: config_lib.ExperimentConfig,
+                           num_classes: int) -> SupConModel:
+  """The model of an experiment (call under `strategy.scope()`).
+
+  Args:
+    config: the experiment config (architecture, mixed precision).
+    num_classes: of the dataset.
+  """
+  return build_model(config.model, num_classes,
+                     mixed_precision=config.augment.allow_mixed_precision)

@@ -17,7 +17,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from supcon_tf import config as config_lib  # pylint: disable=g-import-not-at-top
 from supcon_tf import distribute  # pylint: disable=g-import-not-at-top
 from supcon_tf import enums  # pylint: disable=g-import-not-at-top
-from supcon_tf import train  # pylint: disable=g-import-not-at-top
+from supcon_tf.training import trainer as train  # pylint: disable=g-import-not-at-top
 
 
 def main(path):

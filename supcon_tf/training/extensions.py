@@ -23,20 +23,19 @@ from typing import Dict, Optional
 
 import tensorflow as tf
 
-from supcon_tf import checkpoints
 from supcon_tf import config as config_lib
-from supcon_tf import distill
+from supcon_tf.training import distill
 from supcon_tf import distribute
 from supcon_tf import enums
-from supcon_tf import genscl
+from supcon_tf import losses
 from supcon_tf import models
-from supcon_tf import momentum
+from supcon_tf.training import momentum
 from supcon_tf.data import datasets
 from supcon_tf.data import mixing
 
 # Mixed into the seed of the mixing draws, so they are independent of the
 # other streams drawn from the same `DataConfig.seed`.
-_MIX_SALT = 0x313
+MIX_SALT = 0x313
 
 
 class TrainStepExtensions:
@@ -73,7 +72,7 @@ class TrainStepExtensions:
       else:
         label_shape, label_dtype = (), tf.int32
       self.momentum = momentum.MomentumContrast(
-          checkpoints.build_model(config, info), model, loss.queue_size,
+          models.build_experiment_model(config, info.num_classes), model, loss.queue_size,
           loss.momentum, label_shape=label_shape, label_dtype=label_dtype)
 
   @property
@@ -108,7 +107,7 @@ class TrainStepExtensions:
       return images, None
     targets = tf.one_hot(labels, self.num_classes)
     if self.mix != enums.MixType.NONE:
-      seed = tf.constant([self.config.data.seed, _MIX_SALT], tf.int64)
+      seed = tf.constant([self.config.data.seed, MIX_SALT], tf.int64)
       seed = tf.random.experimental.stateless_fold_in(
           seed, tf.cast(tf.convert_to_tensor(step), tf.int64))
       seed = tf.random.experimental.stateless_fold_in(
@@ -134,11 +133,11 @@ class TrainStepExtensions:
       if self.momentum is not None:
         queue = dict(extra_features=queue_features, extra_labels=queue_labels,
                      extra_mask=queue_mask)
-      return genscl.genscl_loss(
+      return losses.genscl_loss(
           features, targets, temperature=loss.temperature,
           contrast_mode=loss.contrast_mode,
           scale_by_temperature=loss.scale_by_temperature, **queue)
-    return momentum.supcon_loss_with_queue(
+    return losses.supcon_loss_with_queue(
         features, labels if loss.use_labels else None, queue_features,
         queue_labels, queue_mask=queue_mask, temperature=loss.temperature,
         contrast_mode=loss.contrast_mode,

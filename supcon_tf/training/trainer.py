@@ -30,25 +30,23 @@ Failure behaviour (docs/failure_behaviour.md):
 """
 
 import dataclasses
-import json
 import math
 import os
 import signal
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Dict
 
 from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
 
-from supcon_tf import checkpoints
+from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import distribute
-from supcon_tf import enums
-from supcon_tf import extensions
-from supcon_tf import losses
+from supcon_tf.training import extensions
+from supcon_tf.training import step as step_lib
 from supcon_tf import models
 from supcon_tf import optim
 from supcon_tf.data import augment
@@ -60,9 +58,6 @@ STAGE_DIRS = checkpoints.STAGE_DIRS
 # Exit status of `main` after a SIGTERM stopped training with a checkpoint
 # saved (EX_TEMPFAIL: "try again later"); rerunning the same command resumes.
 PREEMPTED_EXIT_CODE = 75
-# Mixed into the seed of the deferred blur so that it is independent of the
-# input pipeline's streams drawn from the same `DataConfig.seed`.
-_BLUR_SALT = 0xb1e
 
 
 class TrainingError(RuntimeError):
@@ -245,20 +240,13 @@ class Trainer:
         f'worker_{distribute.worker_id(strategy)}', self.plan.name)
     self.log_dir = os.path.join(config.runtime.model_dir, 'logs',
                                 self.plan.name)
-    self.defer_blur = (augment.should_defer_blur(config.augment) and
-                       self.plan.num_views > 1)
-    ws = config.warm_start
-    # As the reference: a model warm-started from a reference checkpoint runs
-    # batch norm in inference mode unless batch_norm_in_train_mode.
-    self.bn_training = not (ws.reference_ckpt and
-                            not ws.batch_norm_in_train_mode)
     set_determinism(config)  # Before anything draws initial weights.
     # MultiWorkerMirroredStrategy: workers agree on stopping (SIGTERM).
     self._multi_worker = isinstance(
         strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
     with strategy.scope():
-      self.model = checkpoints.build_model(config, self.info)
+      self.model = models.build_experiment_model(config, self.info.num_classes)
       self.schedule = optim.build_schedule(self.stage, self.plan.global_batch,
                                            self.plan.steps_per_epoch)
       self.wd_vars = models.weight_decay_variables(
@@ -280,17 +268,30 @@ class Trainer:
       # by default): see extensions.py.
       self.extensions = extensions.TrainStepExtensions(config, self.info,
                                                        self.model, index)
-    self.train_vars = self.model.trainable_variables
     self._freeze_encoder_bn_stats()
-    # The loss-scale optimizer (float16) skips steps with non-finite
-    # gradients by design, so those are not an error there.
-    self._check_gradients = not isinstance(
-        self.optimizer, keras.optimizers.LossScaleOptimizer)
+    ws = config.warm_start
+    self.step = step_lib.TrainStep(
+        config, self.model, self.optimizer, self.extensions,
+        step_lib.plan_losses(config, self.stage, self.extensions,
+                             bool(self.wd_vars)),
+        global_batch=self.plan.global_batch,
+        num_classes=self.info.num_classes,
+        weight_decay_variables=self.wd_vars,
+        defer_blur=(augment.should_defer_blur(config.augment) and
+                    self.plan.num_views > 1),
+        # As the reference: a model warm-started from a reference checkpoint
+        # runs batch norm in inference mode unless batch_norm_in_train_mode.
+        bn_training=not (ws.reference_ckpt and
+                         not ws.batch_norm_in_train_mode),
+        # The loss-scale optimizer (float16) skips steps with non-finite
+        # gradients by design, so those are not an error there.
+        check_gradients=not isinstance(
+            self.optimizer, keras.optimizers.LossScaleOptimizer))
 
     # The input stream is built by `make_iterator` once the starting step is
     # known (it resumes at that step's position). The step, model and
     # optimizer slots are the whole training state: there is no other random
-    # state (see `_replica_step`).
+    # state (see `step.TrainStep`).
     self.dataset = None
     self.iterator = None
     self.checkpoint = tf.train.Checkpoint(model=self.model,
@@ -382,92 +383,10 @@ class Trainer:
       print(f'[{self.plan.name}] encoder from {pretrained}', flush=True)
     return 0
 
-  # --- the per-replica step -------------------------------------------------
-
-  def _replica_step(self, images, labels):
-    config, stage, plan = self.config, self.stage, self.plan
-    if self.defer_blur:
-      # Stateless, keyed by (seed, step, replica): a resumed run blurs the
-      # same images as an uninterrupted one, with no RNG state to save.
-      seed = tf.constant([config.data.seed, _BLUR_SALT], tf.int64)
-      seed = tf.random.experimental.stateless_fold_in(
-          seed, tf.cast(tf.convert_to_tensor(self.optimizer.iterations),
-                        tf.int64))
-      seed = tf.random.experimental.stateless_fold_in(
-          seed, tf.cast(distribute.replica_id(), tf.int64))
-      shape = tf.shape(images)
-      flat = tf.reshape(images, tf.concat([[-1], shape[2:]], axis=0))
-      flat = augment.batch_random_blur(flat, config.augment.blur_probability,
-                                       seed=seed)
-      images = tf.reshape(flat, shape)
-    # CutMix / Mixup and teacher targets (None when neither nor GenSCL).
-    images, targets = self.extensions.prepare(images, labels,
-                                              self.optimizer.iterations)
-    with tf.GradientTape() as tape:
-      outputs = self.model(images, training=self.bn_training)
-      logits = outputs[models.LOGITS]
-      if len(logits.shape) == 3:
-        logits = logits[:, 0]  # The reference's classifier reads view 0.
-      terms = {}
-      total = tf.constant(0.0)
-      if (stage.contrastive_loss_weight > 0 and
-          self.extensions.owns_contrastive_loss):  # GenSCL / momentum queue.
-        per_sample = self.extensions.contrastive_loss(outputs, labels,
-                                                      targets)
-        terms['contrastive_loss'] = (tf.reduce_sum(per_sample) /
-                                     plan.global_batch)
-        total += stage.contrastive_loss_weight * terms['contrastive_loss']
-      elif stage.contrastive_loss_weight > 0:
-        per_sample = losses.supcon_loss(
-            outputs[models.PROJECTION],
-            labels if config.loss.use_labels else None,
-            temperature=config.loss.temperature,
-            contrast_mode=config.loss.contrast_mode,
-            summation_location=config.loss.summation_location,
-            denominator_mode=config.loss.denominator_mode,
-            positives_cap=config.loss.positives_cap,
-            scale_by_temperature=config.loss.scale_by_temperature,
-            chunk_size=config.loss.loss_chunk_size or None)
-        terms['contrastive_loss'] = (tf.reduce_sum(per_sample) /
-                                     plan.global_batch)
-        total += stage.contrastive_loss_weight * terms['contrastive_loss']
-      one_hot = tf.one_hot(labels, self.info.num_classes)
-      if targets is not None:  # Mixed and / or distilled soft targets.
-        one_hot = targets
-      ce = keras.losses.categorical_crossentropy(
-          one_hot, logits, from_logits=True,
-          label_smoothing=config.loss.label_smoothing)
-      terms['cross_entropy_loss'] = tf.reduce_sum(ce) / plan.global_batch
-      if stage.cross_entropy_loss_weight > 0:
-        total += stage.cross_entropy_loss_weight * terms['cross_entropy_loss']
-      if (stage.weight_decay > 0 and
-          stage.optimizer != enums.Optimizer.LARS and self.wd_vars):
-        # Gradients are summed over replicas, so each adds its share.
-        replicas = self.strategy.num_replicas_in_sync
-        decay = stage.weight_decay * models.l2_weight_decay(self.wd_vars)
-        terms['weight_decay_loss'] = decay / replicas
-        total += decay / replicas
-      scaled = self.optimizer.scale_loss(total)
-    grads = tape.gradient(scaled, self.train_vars)
-    pairs = [(g, v) for g, v in zip(grads, self.train_vars) if g is not None]
-    if self._check_gradients:
-      # This replica's gradient norm, averaged over replicas by the SUM
-      # reduction; NaN / inf in any gradient makes it non-finite, which the
-      # host loop reports even when the loss itself is still finite.
-      terms['gradient_norm'] = (
-          tf.linalg.global_norm([g for g, _ in pairs]) /
-          self.strategy.num_replicas_in_sync)
-    self.optimizer.apply_gradients(pairs)
-    self.extensions.after_step(images, labels, targets)  # EMA, enqueue.
-    correct = tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)
-    terms['loss'] = total
-    terms['top_1_accuracy'] = tf.reduce_sum(correct) / plan.global_batch
-    return terms
-
   def _make_loop(self):
     """tf.function running `num_steps` steps; returns their mean metrics."""
     strategy = self.strategy
-    replica_step = self._replica_step
+    replica_step = self.step
     # --use_xla: XLA-compile the per-replica step, as Keras' jit_compile does
     # (the loop around it reads the iterator, which XLA cannot). TPU steps are
     # compiled anyway; with several replicas on other devices the compiled
@@ -683,79 +602,3 @@ def train_stage(config: config_lib.ExperimentConfig,
   else:
     checkpoints.check_config(config)  # Fail together with the chief.
   return Trainer(config, strategy, index).train()
-
-
-# -----------------------------------------------------------------------------
-# Evaluation.
-
-
-def evaluate(config: config_lib.ExperimentConfig,
-             strategy: tf.distribute.Strategy,
-             model: Optional[models.SupConModel] = None) -> Dict[str, Any]:
-  """Top-1 / top-5 accuracy and cross-entropy on the eval split.
-
-  Writes `model_dir/eval_results.json` and TensorBoard scalars.
-  """
-  info = datasets.get_dataset_info(config.data)
-  if model is None:
-    model = checkpoints.load_model_for_inference(config, info, strategy)
-  k5 = min(5, info.num_classes)
-  dataset = strategy.distribute_datasets_from_function(
-      lambda ctx: pipeline.build_dataset(config, ctx, training=False))
-
-  def replica_step(images, labels):
-    logits = model(images, training=False)[models.LOGITS]
-    ce = keras.losses.sparse_categorical_crossentropy(labels, logits,
-                                                      from_logits=True)
-    return {
-        'top_1': tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1),
-                                       tf.float32)),
-        'top_5': tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, k5),
-                                       tf.float32)),
-        'cross_entropy': tf.reduce_sum(ce),
-        'count': tf.cast(tf.shape(labels)[0], tf.float32),
-    }
-
-  @tf.function(reduce_retracing=True)
-  def step(batch):
-    per_replica = strategy.run(replica_step, args=batch)
-    return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
-            for k, v in per_replica.items()}
-
-  sums = {'top_1': 0.0, 'top_5': 0.0, 'cross_entropy': 0.0, 'count': 0.0}
-  for i, batch in enumerate(dataset):
-    if config.runtime.max_eval_steps and i >= config.runtime.max_eval_steps:
-      break
-    for k, v in step(batch).items():
-      sums[k] += float(v)
-  if sums['count'] == 0:
-    raise TrainingError(f'The eval split of {info.name} is empty.')
-  checkpoint = checkpoints.latest_model_checkpoint(
-      config.runtime.model_dir) or ''
-  results = {
-      'top_1_accuracy': sums['top_1'] / sums['count'],
-      'top_5_accuracy': sums['top_5'] / sums['count'],
-      'cross_entropy_loss': sums['cross_entropy'] / sums['count'],
-      'num_examples': int(sums['count']),
-      'dataset': info.name,
-      'split': info.eval_split,
-      'checkpoint': checkpoint,
-  }
-  model_dir = config.runtime.model_dir
-  if model_dir and distribute.is_chief(strategy):
-    tf.io.gfile.makedirs(model_dir)
-    path = os.path.join(model_dir, checkpoints.EVAL_RESULTS_FILE)
-    with tf.io.gfile.GFile(path, 'w') as f:
-      f.write(json.dumps(results, indent=2))
-    step_number = int(checkpoint.rsplit('-', 1)[-1]) if checkpoint else 0
-    writer = tf.summary.create_file_writer(os.path.join(model_dir, 'logs',
-                                                        'eval'))
-    with writer.as_default(step=step_number):
-      for k in ('top_1_accuracy', 'top_5_accuracy', 'cross_entropy_loss'):
-        tf.summary.scalar(k, results[k])
-    writer.flush()
-  print(f'[eval] {info.name}/{info.eval_split}: top-1 '
-        f'{results["top_1_accuracy"]:.4f}, top-5 '
-        f'{results["top_5_accuracy"]:.4f} on {results["num_examples"]} '
-        'images', flush=True)
-  return results

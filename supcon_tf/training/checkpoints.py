@@ -57,14 +57,6 @@ class ConfigMismatchError(CheckpointError):
   """model_dir holds another experiment's config.json."""
 
 
-def build_model(config: config_lib.ExperimentConfig,
-                info: datasets.DatasetInfo) -> models.SupConModel:
-  """The model for `config` (call under `strategy.scope()`)."""
-  return models.build_model(
-      config.model, info.num_classes,
-      mixed_precision=config.augment.allow_mixed_precision)
-
-
 def stage_dir(model_dir: str, index: int) -> str:
   """Checkpoint directory of stage `index` (1 or 2)."""
   return os.path.join(model_dir, STAGE_DIRS[index])
@@ -288,7 +280,7 @@ def load_model_for_inference(config: config_lib.ExperimentConfig,
         f'No checkpoint in --model_dir={model_dir!r}: train '
         'first (--mode=pretrain / classifier / train_then_eval).')
   with strategy.scope():
-    model = build_model(config, info)
+    model = models.build_experiment_model(config, info.num_classes)
 
   def restore(prefix):
     restore_parts(model, prefix, encoder=True, projection_head=True,

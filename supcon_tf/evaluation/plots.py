@@ -29,10 +29,10 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from supcon_tf import checkpoints
+from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import distribute
-from supcon_tf import inference
+from supcon_tf.evaluation import runner
 from supcon_tf import models
 from supcon_tf.data import datasets
 
@@ -421,12 +421,12 @@ def plot_embeddings(config: config_lib.ExperimentConfig,
   if config.runtime.max_eval_steps:
     max_batches = min(max_batches, config.runtime.max_eval_steps)
   key = models.NORMALIZED_EMBEDDING
-  outputs = inference.predict(
+  outputs = runner.predict(
       model, strategy,
-      lambda ctx: inference.eval_batches(config, ctx, training_split=False),
+      lambda ctx: runner.eval_batches(config, ctx, training_split=False),
       [key], max_batches=max_batches)
   embeddings = outputs[key][:max_points]
-  labels = outputs[inference.LABELS][:max_points]
+  labels = outputs[runner.LABELS][:max_points]
   names = class_names(config.data, info)
   paths: Dict[str, str] = {}
   if not distribute.is_chief(strategy):

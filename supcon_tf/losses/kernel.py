@@ -1,120 +1,33 @@
-r"""Supervised contrastive loss (Khosla et al., NeurIPS 2020) and its variants.
+r"""The fast SupCon kernel: masks, custom-gradient logits ops, chunked blocks.
 
-Notation (paper section 3.2): a batch of `batch` samples with `num_views`
-augmented views each is flattened view-major into N = batch * num_views
-contrast samples z (L2-normalised by the caller). For an anchor i, P(i) are the
-other samples with the same label (never i itself), the negatives those with a
-different label, and s_ij = <z_i, z_j> / temperature.
-
-  L_out_i = -1/|P(i)| sum_{p in P(i)} log( exp(s_ip) / D_ip )     (eq. 2)
-  L_in_i  = -log( 1/|P(i)| sum_{p in P(i)} exp(s_ip) / D_ip )     (eq. 3)
-
-with the denominator D_ip, per `denominator_mode`:
-  ALL:            sum_{j != i} exp(s_ij)  (only capped positives and negatives)
-  ONE_POSITIVE:   exp(s_ip) + sum_{n negative} exp(s_in)
-  ONLY_NEGATIVES: sum_{n negative} exp(s_in)
-
-Without labels every sample is its own class (SimCLR, Chen et al. 2020).
-Under a tf.distribute strategy the anchors are the replica's local batch and the
-contrast set is the global batch gathered from every replica, so the result is
-exactly the single-device loss on the concatenated batch.
-
-How it is computed (the reference's values, far fewer passes over the
-[anchors, contrast] matrix; docs/performance_loss.md has the measurements):
-
-* Logits live in a 4-D layout s[a, b, v, g] (anchor view a of local sample b
-  against view v of global sample g); sample-level [b, g] masks, built from
-  label equality, broadcast over the views instead of being tiled to
-  [A*B, V*G], and masked sums first add the views up ([a, b, g]).
-* The anchor's own entry is set to -inf (in place: a diagonal or a scatter),
-  so exp() drops it from every sum; subtracting it afterwards would cancel
-  catastrophically when the self term dominates. The row max (stability
-  shift, it cancels) is taken over the other entries.
-* L_out splits as log D_i - 1/|P(i)| sum_p s_ip. Without a positives cap the
-  second term is linear in z: <z_i, (sum of z over i's class) - z_i> / T, from
-  per-class feature sums in O(N * dim). With denominator ALL the first term
-  is a log-sum-exp over j != i without any mask, so the default configuration
-  reads the N x N matrix for one max, one exp and one sum.
-* The part that reads the logits has a hand-written gradient (one to three
-  elementwise passes over the saved exp(s) instead of autodiff's chain of
-  broadcasts), and on one device with all views as anchors the logits are the
-  Gram matrix Z Z^T, whose gradient (G + G^T) Z takes one matmul, not two.
-* `chunk_size` evaluates the loss over blocks of anchor samples with a
-  tf.custom_gradient that recomputes each block in the backward pass, so
-  peak memory is O(N * chunk_size) instead of O(N^2).
+`supcon.supcon_loss` validates its inputs, gathers the contrast set and then
+calls into this module; the notation and the tricks are described in the
+docstring of `supcon.py` (and measured in docs/performance_loss.md).
+Everything here takes already-laid-out tensors: anchors [A, B, D] divided by
+the temperature, the contrast set [V, G, D] and the gathered labels.
 """
 
 import math
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple
 
-import keras
 import tensorflow as tf
 
-from supcon_tf import distribute
 from supcon_tf import enums
 
-ContrastModeLike = Union[enums.LossContrastMode, str]
-SummationLike = Union[enums.LossSummationLocation, str]
-DenominatorLike = Union[enums.LossDenominatorMode, str]
-
 # Label kinds (static, decided at trace time from the labels' rank).
-_NO_LABELS = 'none'  # SimCLR: each sample its own class.
-_CLASS_IDS = 'ids'  # [batch] class ids, compared by equality.
-_SOFT = 'soft'  # [batch, classes] one-hot / soft rows, compared by dot product.
+NO_LABELS = 'none'  # SimCLR: each sample its own class.
+CLASS_IDS = 'ids'  # [batch] class ids, compared by equality.
+SOFT = 'soft'  # [batch, classes] one-hot / soft rows, compared by dot product.
 
 
-def _validate(features: tf.Tensor, labels: Optional[tf.Tensor], temperature,
-              positives_cap: int, chunk_size):
-  """Static checks; returns (local_batch, num_views)."""
-  if features.shape.rank is None or features.shape.rank < 3:
-    raise ValueError(
-        f'supcon_loss: features must have rank >= 3 [batch, num_views, dim], '
-        f'got shape {features.shape}.')
-  if not features.dtype.is_floating:
-    raise ValueError(
-        f'supcon_loss: features must be floating point, got {features.dtype}.')
-  num_views = features.shape[1]
-  if num_views is None:
-    raise ValueError('supcon_loss: the num_views dimension (axis 1) of '
-                     f'features must be static, got shape {features.shape}.')
-  if labels is not None:
-    if labels.shape.rank not in (1, 2):
-      raise ValueError(
-          'supcon_loss: labels must be [batch] class ids or [batch, '
-          f'num_classes] one-hot/soft labels, got shape {labels.shape}.')
-    if (labels.shape[0] is not None and features.shape[0] is not None and
-        labels.shape[0] != features.shape[0]):
-      raise ValueError(
-          f'supcon_loss: labels batch ({labels.shape[0]}) does not match '
-          f'features batch ({features.shape[0]}).')
-  if isinstance(temperature, (int, float)) and temperature <= 0:
-    raise ValueError(
-        f'supcon_loss: temperature must be > 0, got {temperature}.')
-  if not isinstance(positives_cap, int) or isinstance(positives_cap, bool):
-    raise ValueError(
-        f'supcon_loss: positives_cap must be an int, got {positives_cap!r}.')
-  if positives_cap < -1 or (positives_cap > -1 and
-                            positives_cap % num_views != 0):
-    raise ValueError(
-        f'supcon_loss: positives_cap must be -1 (no cap) or a non-negative '
-        f'multiple of num_views (= {num_views}), got {positives_cap}.')
-  if chunk_size is not None and (not isinstance(chunk_size, int) or
-                                 isinstance(chunk_size, bool) or
-                                 chunk_size < 0):
-    raise ValueError(
-        f'supcon_loss: chunk_size must be None, 0 (both: no chunking) or a '
-        f'positive int, got {chunk_size!r}.')
-  return features.shape[0], num_views
-
-
-class _Plan(NamedTuple):
+class Plan(NamedTuple):
   """Static (trace-time) choices of one supcon_loss call."""
   num_anchor_views: int  # A: num_views (ALL_VIEWS) or 1 (ONE_VIEW).
   num_views: int  # V.
   summation: enums.LossSummationLocation
   denominator: enums.LossDenominatorMode
   samples_per_anchor: int  # positives_cap // num_views; -1 = no cap.
-  label_kind: str  # _NO_LABELS, _CLASS_IDS or _SOFT.
+  label_kind: str  # NO_LABELS, CLASS_IDS or SOFT.
 
   @property
   def numerator_from_class_sums(self) -> bool:
@@ -162,7 +75,7 @@ def _cap_positives(same, diagonal, samples_per_anchor: int):
   return same * tf.maximum(keep, diagonal)
 
 
-def _block_masks(rows, self_cols, num_global, global_labels, plan: _Plan):
+def _block_masks(rows, self_cols, num_global, global_labels, plan: Plan):
   """Sample-level masks of a block of anchor samples.
 
   Returns:
@@ -175,13 +88,13 @@ def _block_masks(rows, self_cols, num_global, global_labels, plan: _Plan):
   # One-hot of each row's own column (padding rows: all zero), only where
   # it is needed: a [block, G] write.
   capped = plan.samples_per_anchor >= 0
-  if plan.label_kind == _NO_LABELS or capped:
+  if plan.label_kind == NO_LABELS or capped:
     diagonal = tf.one_hot(rows, num_global)
-  if plan.label_kind == _NO_LABELS:
+  if plan.label_kind == NO_LABELS:
     same = diagonal
   else:
     row_labels = tf.gather(global_labels, self_cols)
-    if plan.label_kind == _CLASS_IDS:
+    if plan.label_kind == CLASS_IDS:
       same = tf.cast(
           tf.equal(row_labels[:, None], global_labels[None, :]), tf.float32)
     else:
@@ -222,7 +135,7 @@ def _expand_rows(row):
   return tf.reshape(row, tf.concat([tf.shape(row), [1, 1]], axis=0))
 
 
-class _LogitsOp(NamedTuple):
+class LogitsOp(NamedTuple):
   """How a block's logits come from the features, and their gradient.
 
   inputs: the features the logits are computed from (the custom gradient's
@@ -247,7 +160,7 @@ def _rolled_contrast(contrast, num_anchor_views: int):
       for a in range(num_anchor_views)])
 
 
-def _cross_logits_op(anchors, contrast, first_row, xla: bool) -> _LogitsOp:
+def _cross_logits_op(anchors, contrast, first_row, xla: bool) -> LogitsOp:
   """Logits of anchors [A, c, D] against the contrast set [V, G, D].
 
   Outside XLA, for anchor view a the contrast views are taken in the order
@@ -299,10 +212,10 @@ def _cross_logits_op(anchors, contrast, first_row, xla: bool) -> _LogitsOp:
         matrices, tf.fill(tf.stack([shape[0], length]), value), k=first_row)
     return tf.reshape(matrices, shape)
 
-  return _LogitsOp((anchors, contrast), forward, backward, set_self)
+  return LogitsOp((anchors, contrast), forward, backward, set_self)
 
 
-def _plain_cross_logits_op(anchors, contrast, first_row) -> _LogitsOp:
+def _plain_cross_logits_op(anchors, contrast, first_row) -> LogitsOp:
   """`_cross_logits_op` for XLA: views in order, a scatter for own entries."""
   num_anchor_views = anchors.shape[0]
 
@@ -334,10 +247,10 @@ def _plain_cross_logits_op(anchors, contrast, first_row) -> _LogitsOp:
     return tf.tensor_scatter_nd_update(
         x, self_idx, tf.fill(tf.shape(self_idx)[:1], value))
 
-  return _LogitsOp((anchors, contrast), forward, backward, set_self)
+  return LogitsOp((anchors, contrast), forward, backward, set_self)
 
 
-def _gram_logits_op(scaled) -> _LogitsOp:
+def gram_logits_op(scaled) -> LogitsOp:
   """s = Z Z^T for Z = contrast / sqrt(T) [V, G, D], all anchors on one device.
 
   The gradient is (G + G^T) Z: one [N, N] x [N, D] matmul instead of the two
@@ -365,11 +278,11 @@ def _gram_logits_op(scaled) -> _LogitsOp:
     flat = tf.linalg.set_diag(flat, tf.fill(tf.shape(flat)[:1], value))
     return tf.reshape(flat, shape)
 
-  return _LogitsOp((scaled,), forward, backward, set_self)
+  return LogitsOp((scaled,), forward, backward, set_self)
 
 
-def _contrast_terms(logits_op: _LogitsOp, own_logit, own_negative, masks,
-                    num_positives, plan: _Plan):
+def _contrast_terms(logits_op: LogitsOp, own_logit, own_negative, masks,
+                    num_positives, plan: Plan):
   """The logits-reading part of the loss, with a hand-written gradient.
 
   Autodiff of the same expressions would materialise several more N x N
@@ -391,7 +304,7 @@ def _contrast_terms(logits_op: _LogitsOp, own_logit, own_negative, masks,
     plan: static options.
 
   Returns:
-    float32 [A, block] terms (see `_block_terms`).
+    float32 [A, block] terms (see `block_terms`).
   """
   soft = own_negative is not None
   outside = plan.summation == enums.LossSummationLocation.OUTSIDE
@@ -548,8 +461,8 @@ def _contrast_terms(logits_op: _LogitsOp, own_logit, own_negative, masks,
   return core(*logits_op.inputs, *([own_logit] if with_own else []))
 
 
-def _block_terms(anchors, contrast, first_row, global_labels, plan: _Plan,
-                 logits_op: Optional[_LogitsOp] = None
+def block_terms(anchors, contrast, first_row, global_labels, plan: Plan,
+                 logits_op: Optional[LogitsOp] = None
                  ) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
   """Per-anchor loss terms of a block of anchor samples.
 
@@ -573,7 +486,7 @@ def _block_terms(anchors, contrast, first_row, global_labels, plan: _Plan,
     terms: float32 [A, block]. For L_out without a cap, log D_i + m_i
       (denominator ALL / ONLY_NEGATIVES) or 1/|P| sum_p log(E_ip + N_i) + m_i
       (ONE_POSITIVE): the numerator 1/|P| sum_p s_ip is left to the caller
-      (`_class_sum_numerator`). Otherwise the whole loss of anchors that
+      (`class_sum_numerator`). Otherwise the whole loss of anchors that
       have a positive.
     num_positives: float32 [A, block] |P(i)|, or None when the caller
       computes it (no masks needed).
@@ -581,7 +494,7 @@ def _block_terms(anchors, contrast, first_row, global_labels, plan: _Plan,
   num_global = tf.shape(contrast)[1]
   rows = first_row + tf.range(tf.shape(anchors)[1])
   self_cols = tf.minimum(rows, num_global - 1)
-  soft = plan.label_kind == _SOFT
+  soft = plan.label_kind == SOFT
   outside = plan.summation == enums.LossSummationLocation.OUTSIDE
   numerator_here = outside and not plan.numerator_from_class_sums
 
@@ -610,7 +523,7 @@ def _block_terms(anchors, contrast, first_row, global_labels, plan: _Plan,
 
   if logits_op is None:
     logits_op = _cross_logits_op(anchors, contrast, first_row,
-                                 _in_xla_context())
+                                 in_xla_context())
   terms = _contrast_terms(logits_op, own_logit, own_negative, masks,
                           num_positives, plan)
   return terms, num_positives
@@ -632,8 +545,8 @@ def _dense_class_ids(labels):
   return tf.scatter_nd(order[:, None], ids, tf.shape(labels))
 
 
-def _class_sum_numerator(anchors, local, contrast, offset, global_labels,
-                         plan: _Plan):
+def class_sum_numerator(anchors, local, contrast, offset, global_labels,
+                         plan: Plan):
   """sum_{p in P(i)} s_ip and |P(i)| without a cap.
 
   sum_p <z_i, z_p> / T = <z_i / T, S_c - z_i> with S_c the sum of every view
@@ -656,10 +569,10 @@ def _class_sum_numerator(anchors, local, contrast, offset, global_labels,
   rows = offset + tf.range(local_batch)
   view_sum = tf.reduce_sum(contrast, axis=0)  # [G, D]
   own_weight = 1.0  # same[b, b]: the anchor's weight as its own positive.
-  if plan.label_kind == _NO_LABELS:
+  if plan.label_kind == NO_LABELS:
     class_sum = tf.gather(view_sum, rows)
     class_size = tf.ones(tf.shape(rows), tf.float32)
-  elif plan.label_kind == _SOFT:
+  elif plan.label_kind == SOFT:
     row_labels = tf.gather(global_labels, rows)  # [B, K]
     per_class = tf.matmul(global_labels, view_sum, transpose_a=True)
     class_sum = tf.matmul(row_labels, per_class)  # sum_g same[b, g] z_g
@@ -674,7 +587,7 @@ def _class_sum_numerator(anchors, local, contrast, offset, global_labels,
         tf.ones([num_global], tf.float32), ids, num_global)
     row_ids = tf.gather(ids, rows)
     class_sum, class_size = tf.gather(sums, row_ids), tf.gather(sizes, row_ids)
-  if plan.label_kind == _SOFT:
+  if plan.label_kind == SOFT:
     own_term = own_weight[None, :, None] * local
   else:
     own_term = local
@@ -688,10 +601,10 @@ def _class_sum_numerator(anchors, local, contrast, offset, global_labels,
 # Dense and chunked evaluation of the blocks.
 
 
-def _in_xla_context() -> bool:
+def in_xla_context() -> bool:
   """True while tracing for XLA (jit_compile=True, TPU).
 
-  There the gradient's transposed add of `_gram_logits_op` is a strided,
+  There the gradient's transposed add of `gram_logits_op` is a strided,
   cache-unfriendly fusion that costs more than the second matmul it saves.
   """
   try:
@@ -702,9 +615,9 @@ def _in_xla_context() -> bool:
     return False
 
 
-def _chunked_terms(anchors, contrast, offset, global_labels, plan: _Plan,
+def chunked_terms(anchors, contrast, offset, global_labels, plan: Plan,
                    chunk_size: int):
-  """`_block_terms` over blocks of at most `chunk_size` anchor samples.
+  """`block_terms` over blocks of at most `chunk_size` anchor samples.
 
   The forward pass keeps only the per-anchor terms; the gradient recomputes
   each block's logits (tf.custom_gradient + a per-block GradientTape), so the
@@ -723,7 +636,7 @@ def _chunked_terms(anchors, contrast, offset, global_labels, plan: _Plan,
     chunk_size: at most this many anchor samples per block.
 
   Returns:
-    Same as `_block_terms` for all B local samples.
+    Same as `block_terms` for all B local samples.
   """
   num_anchor_views = plan.num_anchor_views
   static_batch, dim = anchors.shape[1], tf.shape(anchors)[2]
@@ -743,8 +656,8 @@ def _chunked_terms(anchors, contrast, offset, global_labels, plan: _Plan,
       [1, 0, 2, 3])
   with_counts = plan.needs_masks
 
-  def block_terms(anchors_k, contrast_k, k):
-    return _block_terms(anchors_k, contrast_k, offset + k * block_size,
+  def terms_of_block(anchors_k, contrast_k, k):
+    return block_terms(anchors_k, contrast_k, offset + k * block_size,
                         global_labels, plan)
 
   def unblock(stacked):
@@ -757,7 +670,7 @@ def _chunked_terms(anchors, contrast, offset, global_labels, plan: _Plan,
   def run(blocks, contrast):
 
     def forward(k, terms_ta, counts_ta):
-      terms, counts = block_terms(blocks[k], contrast, k)
+      terms, counts = terms_of_block(blocks[k], contrast, k)
       terms_ta = terms_ta.write(k, terms)
       if with_counts:
         counts_ta = counts_ta.write(k, counts)
@@ -779,7 +692,7 @@ def _chunked_terms(anchors, contrast, offset, global_labels, plan: _Plan,
         anchors_k = blocks[k]
         with tf.GradientTape() as tape:
           tape.watch([anchors_k, contrast])
-          terms_k, _ = block_terms(anchors_k, contrast, k)
+          terms_k, _ = terms_of_block(anchors_k, contrast, k)
         d_anchors_k, d_contrast_k = tape.gradient(
             terms_k, [anchors_k, contrast], output_gradients=upstream[k],
             unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -799,199 +712,3 @@ def _chunked_terms(anchors, contrast, offset, global_labels, plan: _Plan,
   terms = unblock(outputs[0])
   counts = unblock(outputs[1]) if with_counts else None
   return terms, counts
-
-
-def supcon_loss(features,
-                labels=None,
-                *,
-                temperature=0.07,
-                contrast_mode: ContrastModeLike = 'all_views',
-                summation_location: SummationLike = 'outside',
-                denominator_mode: DenominatorLike = 'all',
-                positives_cap: int = -1,
-                scale_by_temperature: bool = True,
-                chunk_size: Optional[int] = None) -> tf.Tensor:
-  """Per-sample supervised contrastive loss.
-
-  Args:
-    features: float [batch, num_views, dim] (extra trailing dims are
-      flattened), L2-normalised by the caller; any float dtype, computed in
-      float32. Under a strategy, the replica's local batch.
-    labels: None (SimCLR: each sample its own class), int [batch] class ids, or
-      float [batch, num_classes] one-hot / soft labels. Not differentiated.
-    temperature: softmax temperature, > 0.
-    contrast_mode: 'all_views' (every view is an anchor) or 'one_view' (only
-      view 0 is).
-    summation_location: 'outside' (L_out, eq. 2) or 'inside' (L_in, eq. 3).
-    denominator_mode: 'all', 'one_positive' or 'only_negatives'.
-    positives_cap: keep at most this many positives besides the anchor's own
-      views (a multiple of num_views; -1 = no cap). Capped-away positives are
-      neither positives nor negatives.
-    scale_by_temperature: multiply the loss by `temperature`, so the gradient
-      scale does not depend on it.
-    chunk_size: None or 0: compute the [anchors, contrast] logits at once.
-      A positive int: compute the loss and its gradient over blocks of
-      `chunk_size` local samples (times the anchor views each), recomputing
-      each block in the backward pass, so peak memory is
-      O(chunk_size * num_views * global_batch * num_views) instead of
-      O(N^2). Same values (to float rounding) for every variant, at the price
-      of one more logits matmul per block in the backward pass.
-
-  Returns:
-    float32 [batch]: each sample's loss, the mean over its anchor views.
-    Anchors without any positive contribute 0.
-
-  Raises:
-    ValueError: on a bad rank, batch mismatch, temperature, cap, chunk size or
-      mode.
-  """
-  contrast_mode = enums.parse_enum(enums.LossContrastMode, contrast_mode)
-  summation_location = enums.parse_enum(enums.LossSummationLocation,
-                                        summation_location)
-  denominator_mode = enums.parse_enum(enums.LossDenominatorMode,
-                                      denominator_mode)
-  features = tf.convert_to_tensor(features)
-  if labels is not None:
-    labels = tf.convert_to_tensor(labels)
-  static_batch, num_views = _validate(features, labels, temperature,
-                                      positives_cap, chunk_size)
-
-  if features.dtype != tf.float32:
-    # (Casting a float32 tensor to float32 can cut it from an eager tape.)
-    features = tf.cast(features, tf.float32)
-  if features.shape.rank > 3:
-    features = tf.reshape(features,
-                          tf.concat([tf.shape(features)[:2], [-1]], axis=0))
-  local_batch = tf.shape(features)[0]
-
-  # Contrast set: the global batch (identity outside a multi-replica context).
-  multi_replica = distribute.in_cross_replica_gather_context()
-  global_features = distribute.cross_replica_concat(features)
-  offset = distribute.replica_id() * local_batch
-
-  if labels is None:
-    label_kind, global_labels = _NO_LABELS, None
-  else:
-    if labels.shape.rank == 1:
-      label_kind = _CLASS_IDS
-      # Class ids compare by equality, whatever their dtype (Keras casts
-      # y_true to the loss dtype).
-      labels = tf.cast(labels, tf.int32) if labels.dtype.is_integer else (
-          tf.cast(labels, tf.float32))
-    else:
-      label_kind = _SOFT
-      labels = tf.cast(labels, tf.float32)
-    global_labels = tf.stop_gradient(distribute.cross_replica_concat(labels))
-
-  num_anchor_views = (1 if contrast_mode == enums.LossContrastMode.ONE_VIEW
-                      else num_views)
-  plan = _Plan(num_anchor_views=num_anchor_views, num_views=num_views,
-               summation=summation_location, denominator=denominator_mode,
-               samples_per_anchor=(positives_cap // num_views
-                                   if positives_cap > -1 else -1),
-               label_kind=label_kind)
-
-  temperature = tf.cast(temperature, tf.float32)
-  # View-major layouts: contrast [V, G, D], anchors [A, B, D] (divided by T).
-  contrast = tf.transpose(global_features, [1, 0, 2])
-  local = tf.transpose(features[:, :num_anchor_views], [1, 0, 2])
-  anchors = local / temperature
-
-  chunked = bool(chunk_size) and (static_batch is None or
-                                  chunk_size < static_batch)
-  if chunked:
-    terms, num_positives = _chunked_terms(anchors, contrast, offset,
-                                          global_labels, plan, chunk_size)
-  else:
-    logits_op = None
-    if (not multi_replica and num_anchor_views == num_views and
-        not _in_xla_context()):
-      # Anchors and contrast are the same N samples: a Gram matrix.
-      logits_op = _gram_logits_op(contrast * tf.math.rsqrt(temperature))
-    terms, num_positives = _block_terms(anchors, contrast, offset,
-                                        global_labels, plan, logits_op)
-
-  if plan.numerator_from_class_sums:
-    numerator, num_positives = _class_sum_numerator(
-        anchors, local, contrast, offset, global_labels, plan)
-  has_positive = num_positives > 0
-  if plan.numerator_from_class_sums:
-    # eq. 2: log D_i - 1/|P(i)| sum_p s_ip (the row shift cancels).
-    terms -= numerator / tf.where(has_positive, num_positives,
-                                  tf.ones_like(num_positives))
-  loss = tf.where(has_positive, terms, tf.zeros_like(terms))
-  if scale_by_temperature:
-    loss = loss * temperature
-  return tf.reduce_mean(loss, axis=0)
-
-
-@keras.saving.register_keras_serializable(package='supcon_tf')
-class SupConLoss(keras.losses.Loss):
-  """Keras wrapper of `supcon_loss`.
-
-  `y_true` are the labels (int [batch] or one-hot [batch, classes]) and `y_pred`
-  the features [batch, num_views, dim]. With `use_labels=False`, `y_true` is
-  ignored (SimCLR). The default reduction averages the per-sample losses; in a
-  custom distributed loop use `reduction=None` and divide the sum by the global
-  batch. `chunk_size` (keyword-only) bounds the loss's memory, see
-  `supcon_loss`.
-  """
-
-  def __init__(self,
-               temperature=0.07,
-               contrast_mode: ContrastModeLike = 'all_views',
-               summation_location: SummationLike = 'outside',
-               denominator_mode: DenominatorLike = 'all',
-               positives_cap: int = -1,
-               scale_by_temperature: bool = True,
-               use_labels: bool = True,
-               reduction='sum_over_batch_size',
-               name='supcon_loss',
-               *,
-               chunk_size: Optional[int] = None,
-               **kwargs):
-    super().__init__(reduction=reduction, name=name, **kwargs)
-    if temperature <= 0:
-      raise ValueError(f'SupConLoss: temperature must be > 0, got '
-                       f'{temperature}.')
-    self.temperature = float(temperature)
-    self.contrast_mode = enums.parse_enum(enums.LossContrastMode,
-                                          contrast_mode)
-    self.summation_location = enums.parse_enum(enums.LossSummationLocation,
-                                               summation_location)
-    self.denominator_mode = enums.parse_enum(enums.LossDenominatorMode,
-                                             denominator_mode)
-    self.positives_cap = int(positives_cap)
-    self.scale_by_temperature = bool(scale_by_temperature)
-    self.use_labels = bool(use_labels)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or
-                                   isinstance(chunk_size, bool) or
-                                   chunk_size < 0):
-      raise ValueError(f'SupConLoss: chunk_size must be None or an int >= 0, '
-                       f'got {chunk_size!r}.')
-    self.chunk_size = chunk_size or None
-
-  def call(self, y_true, y_pred):
-    return supcon_loss(
-        y_pred,
-        labels=y_true if self.use_labels else None,
-        temperature=self.temperature,
-        contrast_mode=self.contrast_mode,
-        summation_location=self.summation_location,
-        denominator_mode=self.denominator_mode,
-        positives_cap=self.positives_cap,
-        scale_by_temperature=self.scale_by_temperature,
-        chunk_size=self.chunk_size)
-
-  def get_config(self):
-    config = super().get_config()
-    config.update(
-        temperature=self.temperature,
-        contrast_mode=self.contrast_mode.name.lower(),
-        summation_location=self.summation_location.name.lower(),
-        denominator_mode=self.denominator_mode.name.lower(),
-        positives_cap=self.positives_cap,
-        scale_by_temperature=self.scale_by_temperature,
-        use_labels=self.use_labels,
-        chunk_size=self.chunk_size)
-    return config

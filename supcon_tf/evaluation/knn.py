@@ -27,10 +27,11 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from supcon_tf import checkpoints
+from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import distribute
-from supcon_tf import inference
+from supcon_tf.evaluation import results as results_lib
+from supcon_tf.evaluation import runner
 from supcon_tf import models
 from supcon_tf.data import datasets
 
@@ -184,18 +185,18 @@ def evaluate_knn(config: config_lib.ExperimentConfig,
   key = models.NORMALIZED_EMBEDDING
   print(f'[eval_knn] embedding {info.num_train_examples} train images '
         f'of {info.name} (the memory bank)', flush=True)
-  runner = inference.Runner(model, strategy)
-  bank = runner.predict(
-      lambda ctx: inference.eval_batches(config, ctx, training_split=True),
+  model_runner = runner.Runner(model, strategy)
+  bank = model_runner.predict(
+      lambda ctx: runner.eval_batches(config, ctx, training_split=True),
       [key])
-  queries = runner.predict(
-      lambda ctx: inference.eval_batches(config, ctx, training_split=False),
+  queries = model_runner.predict(
+      lambda ctx: runner.eval_batches(config, ctx, training_split=False),
       [key], max_batches=config.runtime.max_eval_steps)
-  if queries[inference.LABELS].shape[0] == 0:
+  if queries[runner.LABELS].shape[0] == 0:
     raise ValueError(f'The eval split of {info.name} is empty.')
   accuracies = knn_accuracies(
-      queries[key], queries[inference.LABELS], bank[key],
-      bank[inference.LABELS], info.num_classes, analysis.knn_k,
+      queries[key], queries[runner.LABELS], bank[key],
+      bank[runner.LABELS], info.num_classes, analysis.knn_k,
       analysis.knn_temperature, analysis.knn_chunk_size)
   checkpoint = checkpoints.latest_model_checkpoint(
       config.runtime.model_dir) or ''
@@ -209,12 +210,12 @@ def evaluate_knn(config: config_lib.ExperimentConfig,
   })
   model_dir = config.runtime.model_dir
   if model_dir and distribute.is_chief(strategy):
-    inference.merge_json(
+    results_lib.merge_json(
         os.path.join(model_dir, checkpoints.EVAL_RESULTS_FILE), results)
-    inference.write_scalars(
+    results_lib.write_scalars(
         os.path.join(model_dir, 'logs', 'eval'),
         {result_key(k): acc for k, acc in accuracies.items()},
-        inference.checkpoint_step(checkpoint))
+        results_lib.checkpoint_step(checkpoint))
   shown = ', '.join(f'k={k}: {acc:.4f}' for k, acc in accuracies.items())
   print(f'[eval_knn] {info.name}/{info.eval_split}: weighted kNN top-1 '
         f'(T={analysis.knn_temperature:g}) {shown} on '

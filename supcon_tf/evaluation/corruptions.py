@@ -38,11 +38,12 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import tensorflow as tf
 
-from supcon_tf import checkpoints
+from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import distribute
 from supcon_tf import enums
-from supcon_tf import inference
+from supcon_tf.evaluation import results as results_lib
+from supcon_tf.evaluation import runner
 from supcon_tf import models
 from supcon_tf.data import datasets
 
@@ -347,9 +348,9 @@ def evaluate_corruptions(config: config_lib.ExperimentConfig,
     model = checkpoints.load_model_for_inference(config, info, strategy)
   max_batches = config.runtime.max_eval_steps
 
-  runner = inference.Runner(model, strategy)
-  correct, count = runner.count_top1(
-      lambda ctx: inference.eval_batches(config, ctx, training_split=False),
+  model_runner = runner.Runner(model, strategy)
+  correct, count = model_runner.count_top1(
+      lambda ctx: runner.eval_batches(config, ctx, training_split=False),
       max_batches)
   if count == 0:
     raise CorruptionError(f'The eval split of {info.name} is empty.')
@@ -361,10 +362,10 @@ def evaluate_corruptions(config: config_lib.ExperimentConfig,
   num_examples: Dict[str, int] = {}
   for (c, s), name in sets.items():
     def dataset_fn(ctx, name=name):
-      return inference.batch_eval_examples(
+      return runner.batch_eval_examples(
           corrupted_examples(name, config.data.data_dir, ctx), config, info,
           ctx, augment_config)
-    correct, count = runner.count_top1(dataset_fn, max_batches)
+    correct, count = model_runner.count_top1(dataset_fn, max_batches)
     if count == 0:
       raise CorruptionError(f'{name} has no examples.')
     errors[c][s] = 1.0 - correct / count
@@ -403,8 +404,8 @@ def evaluate_corruptions(config: config_lib.ExperimentConfig,
     for key in ('mCE', 'relative_mCE'):
       if key in results:
         scalars[f'corruptions/{key}'] = results[key]
-    inference.write_scalars(os.path.join(model_dir, 'logs', 'eval'), scalars,
-                            inference.checkpoint_step(checkpoint))
+    results_lib.write_scalars(os.path.join(model_dir, 'logs', 'eval'), scalars,
+                                results_lib.checkpoint_step(checkpoint))
   print(f'[eval_corruptions] {dataset} (model trained on {info.name}, '
         f'checkpoint {checkpoint or "?"}), top-1 error in %:\n{table}',
         flush=True)

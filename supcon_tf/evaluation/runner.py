@@ -5,14 +5,13 @@ memory bank) exactly like `pipeline.build_dataset(..., training=False)`:
 one deterministic eval crop, whitening, no augmentation, the last partial
 batch kept. `Runner.predict` gathers chosen model outputs of every example onto
 the host; `Runner.count_top1` sums correct top-1 predictions across replicas
-(as `train.evaluate` does) without keeping any outputs. A runner traces its
+(`classify` also sums top-k and cross-entropy, for `classify.py`) without keeping any outputs. A runner traces its
 steps once for all the datasets it is given.
 
-Used by `knn.py`, `corruptions.py` and `plots.py`.
+Used by `classify.py`, `knn.py`, `corruptions.py` and `plots.py`; results
+go through `results.py`.
 """
 
-import json
-import os
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -99,7 +98,7 @@ class Runner:
     self.model = model
     self.strategy = strategy
     self._predict_steps: Dict[Tuple[str, ...], Callable] = {}
-    self._top1_step = None
+    self._classify_steps: Dict[int, Callable] = {}
 
   def _batches(self, dataset_fn: DatasetFn, max_batches: int):
     dataset = self.strategy.distribute_datasets_from_function(dataset_fn)
@@ -152,33 +151,47 @@ class Runner:
               for k in parts}
     return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
 
-  def count_top1(self, dataset_fn: DatasetFn,
-                 max_batches: int = 0) -> Tuple[int, int]:
-    """(correct top-1 predictions of the classifier, examples)."""
-    if self._top1_step is None:
+  def classify(self, dataset_fn: DatasetFn, max_batches: int = 0,
+               top_k: int = 5) -> Dict[str, float]:
+    """Sums over a split of the classifier's hits and cross-entropy.
+
+    Returns:
+      {'top_1': correct top-1, 'top_k': correct top-`top_k`,
+       'cross_entropy': summed cross-entropy, 'count': examples}, over every
+      replica (and worker).
+    """
+    if top_k not in self._classify_steps:
       model, strategy = self.model, self.strategy
 
       def replica_fn(images, labels):
-        logits = model(images, training=False)[models.LOGITS]
-        correct = tf.math.in_top_k(tf.cast(labels, tf.int32),
-                                   tf.cast(logits, tf.float32), 1)
-        return (tf.reduce_sum(tf.cast(correct, tf.int64)),
-                tf.cast(tf.shape(labels)[0], tf.int64))
+        logits = tf.cast(model(images, training=False)[models.LOGITS],
+                         tf.float32)
+        labels = tf.cast(labels, tf.int32)
+        hits = lambda k: tf.reduce_sum(tf.cast(  # pylint: disable=g-long-lambda
+            tf.math.in_top_k(labels, logits, k), tf.float32))
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        return {'top_1': hits(1), 'top_k': hits(top_k),
+                'cross_entropy': tf.reduce_sum(ce),
+                'count': tf.cast(tf.shape(labels)[0], tf.float32)}
 
       @tf.function(reduce_retracing=True)
       def step(batch):
-        correct, count = strategy.run(replica_fn, args=batch)
-        return (strategy.reduce(tf.distribute.ReduceOp.SUM, correct,
-                                axis=None),
-                strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None))
+        per_replica = strategy.run(replica_fn, args=batch)
+        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                for k, v in per_replica.items()}
 
-      self._top1_step = step
-    total_correct, total = 0, 0
+      self._classify_steps[top_k] = step
+    sums = {'top_1': 0.0, 'top_k': 0.0, 'cross_entropy': 0.0, 'count': 0.0}
     for batch in self._batches(dataset_fn, max_batches):
-      correct, count = self._top1_step(batch)
-      total_correct += int(correct)
-      total += int(count)
-    return total_correct, total
+      for k, v in self._classify_steps[top_k](batch).items():
+        sums[k] += float(v)
+    return sums
+
+  def count_top1(self, dataset_fn: DatasetFn,
+                 max_batches: int = 0) -> Tuple[int, int]:
+    """(correct top-1 predictions of the classifier, examples)."""
+    sums = self.classify(dataset_fn, max_batches, top_k=1)
+    return int(sums['top_1']), int(sums['count'])
 
 
 def predict(model: models.SupConModel, strategy: tf.distribute.Strategy,
@@ -198,52 +211,3 @@ def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
   """Rows scaled to unit L2 norm (zero rows stay zero)."""
   norms = np.linalg.norm(x, axis=-1, keepdims=True)
   return x / np.maximum(norms, 1e-12)
-
-
-# -----------------------------------------------------------------------------
-# Where results go.
-
-
-def checkpoint_step(checkpoint: str) -> int:
-  """The step number of a checkpoint prefix `.../ckpt-N`, or 0."""
-  if not checkpoint:
-    return 0
-  tail = checkpoint.rsplit('-', 1)[-1]
-  return int(tail) if tail.isdigit() else 0
-
-
-def merge_json(path: str, updates: Dict) -> Dict:
-  """Adds `updates` to the JSON object in `path` (created if missing).
-
-  Keys not in `updates` are kept, so modes that write the same file (eval,
-  eval_knn) do not erase each other's results.
-
-  Returns:
-    The merged object, as written.
-  """
-  merged: Dict = {}
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      try:
-        merged = json.loads(f.read())
-      except ValueError:
-        merged = {}
-    if not isinstance(merged, dict):
-      merged = {}
-  merged.update(updates)
-  parent = os.path.dirname(path)
-  if parent:
-    tf.io.gfile.makedirs(parent)
-  with tf.io.gfile.GFile(path, 'w') as f:
-    f.write(json.dumps(merged, indent=2, sort_keys=True))
-  return merged
-
-
-def write_scalars(log_dir: str, scalars: Dict[str, float], step: int) -> None:
-  """TensorBoard scalars `scalars` at `step` in `log_dir`."""
-  writer = tf.summary.create_file_writer(log_dir)
-  with writer.as_default(step=step):
-    for name, value in scalars.items():
-      tf.summary.scalar(name, value)
-  writer.flush()
-  writer.close()

@@ -1,6 +1,6 @@
 """Prints a comparison table of finished runs.
 
-  python -m supcon_tf.report runs/quickstart/supcon runs/quickstart/cross_entropy
+  python -m supcon_tf.evaluation.report runs/quickstart/supcon runs/quickstart/cross_entropy
 
 Each argument is a model_dir with `config.json` and `eval_results.json`
 (optionally `wall_time_s`, written by scripts/quickstart.sh).
