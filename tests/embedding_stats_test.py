@@ -24,6 +24,7 @@ def test_identical_points_are_collapsed():
   assert stats['uniformity'] == pytest.approx(0.0, abs=1e-12)
   assert stats['num_positive_pairs'] == 6  # 3 classes x 2 ordered pairs.
   assert stats['num_negative_pairs'] == 24
+  assert all(type(v) is float for v in stats.values())  # JSON-ready.
 
 
 def test_uniformity_on_the_circle_matches_double_sum():

@@ -129,6 +129,10 @@ def test_ties_broken_by_index():
   np.testing.assert_array_equal(retrieval.top_k_stable(scores, 3), [[1, 3, 0]])
   np.testing.assert_array_equal(retrieval.top_k_stable(scores, 4),
                                 [[1, 3, 0, 2]])
+  # Many ties across the k-th place, in a long row: lowest indices win.
+  rows = np.random.default_rng(0).integers(0, 3, (3, 3000)).astype(np.float32)
+  want = np.stack([np.lexsort((np.arange(3000), -r))[:777] for r in rows])
+  np.testing.assert_array_equal(retrieval.top_k_stable(rows, 777), want)
   # Through the metrics: the query ties with a wrong-class item at index 0
   # and a right-class item at index 1; the lower index wins.
   bank = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
@@ -151,6 +155,11 @@ def test_leave_one_out_never_retrieves_self_and_excludes_singletons():
   np.testing.assert_array_equal(retrieval.relevant_counts(y), [1, 1, 1, 1, 0])
   neighbours = retrieval.nearest_neighbours(x, k=1, chunk_size=2)
   np.testing.assert_array_equal(neighbours[:4, 0], [1, 0, 3, 2])
+  # k = n - 1: every other item, never itself, ties by index.
+  all_others = retrieval.nearest_neighbours(x, k=4, chunk_size=3)
+  for i, row in enumerate(all_others):
+    assert i not in row and sorted(row) == sorted(set(range(5)) - {i})
+  np.testing.assert_array_equal(all_others[0], [1, 2, 3, 4])
   got = retrieval.retrieval_metrics(x, y, ks=(1, 2), clustering=False)
   assert got['num_queries_without_relevant'] == 1
   assert got['num_queries_evaluated'] == 4
@@ -176,6 +185,7 @@ def test_perfect_embedding_scores_one_everywhere():
   for key in ('precision_at_1', 'r_precision', 'map_at_r', 'recall_at_1',
               'recall_at_2', 'recall_at_4', 'recall_at_8', 'nmi', 'ami'):
     assert got[key] == pytest.approx(1.0), key
+  assert all(type(v) is float for v in got.values())  # JSON-ready.
   vs_bank = retrieval.retrieval_metrics(x[::2], y[::2], x[1::2], y[1::2])
   assert vs_bank['map_at_r'] == pytest.approx(1.0)
   assert vs_bank['nmi'] == pytest.approx(1.0)

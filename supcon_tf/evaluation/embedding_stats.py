@@ -183,6 +183,7 @@ def embedding_stats(
   x = normalize(x)
   stats = pair_statistics(x, labels, alpha=alpha, t=t)
   stats['dimension_std'] = dimension_std(x)
-  stats['dimension_std_scaled'] = stats['dimension_std'] * np.sqrt(x.shape[1])
+  stats['dimension_std_scaled'] = float(
+      stats['dimension_std'] * np.sqrt(x.shape[1]))
   stats['num_samples'] = float(x.shape[0])
   return stats

@@ -18,7 +18,8 @@ section 3.2) and of the pytorch-metric-learning `AccuracyCalculator`:
   information.
 
 Similarity is the cosine: embeddings are L2-normalised and compared by dot
-product, in float32.
+product, in float32. Inputs are NumPy arrays (or anything `np.asarray`
+takes); results are Python floats.
 
 Two settings:
 
@@ -34,8 +35,9 @@ R-precision, MAP@R, recall@k). Their number is reported as
 `num_queries_without_relevant`, and `num_queries_evaluated` counts the rest.
 The clustering scores use all queries.
 
-Memory: queries are processed `chunk_size` at a time against the whole bank,
-and only the K nearest neighbours of each query are kept, with
+Memory: queries are processed `chunk_size` at a time against the whole bank
+(`tf.matmul` and `tf.math.top_k`, eager, on the default device), and only the
+K nearest neighbours of each query are kept, with
 K = min(max(max R, max k), max_neighbours, bank size). The largest
 intermediates are the [chunk_size, bank_size] similarities and the
 [num_queries, K] neighbour indices, never [num_queries, bank_size]. As in
@@ -44,17 +46,19 @@ more than `max_neighbours` relevant items is scored on its first
 `max_neighbours` neighbours with R = max_neighbours.
 
 Ties: neighbours are ordered by decreasing similarity, and items of equal
-similarity by increasing bank index (a stable order). The result is therefore
+similarity by increasing bank index (`tf.math.top_k`'s documented order),
+also at the K-th place. The result is therefore
 deterministic, but an embedding that maps many items to one point is scored
 by the dataset's order among them; ties in the float32 similarity are rare
 for trained embeddings.
 """
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 from sklearn import cluster
 from sklearn import metrics as sk_metrics
+import tensorflow as tf
 
 DEFAULT_KS = (1, 2, 4, 8)
 
@@ -74,37 +78,28 @@ def l2_normalize(x: np.ndarray, epsilon: float = 1e-12) -> np.ndarray:
   return x / np.maximum(norm, epsilon)
 
 
-def top_k_stable(scores: np.ndarray, k: int) -> np.ndarray:
+def top_k_stable(scores, k: int) -> np.ndarray:
   """Column indices of the k largest scores of each row, in order.
 
-  Ties are broken by increasing column index, also at the k-th place: of the
-  columns tied with the k-th largest score, the lowest-indexed ones are kept.
-  Linear time in the row length (a partition, not a sort of the whole row).
+  `tf.math.top_k`, whose documented contract is that of equal elements the
+  lower-indexed comes first; this holds for the selection too (of the
+  columns tied with the k-th largest score, the lowest-indexed are kept).
+  It keeps only [rows, k] outputs, unlike a sort or `np.argpartition` copy
+  of the whole [rows, n] block.
 
   Args:
-    scores: float [rows, n], no NaN.
+    scores: float [rows, n] (NumPy or tensor), no NaN.
     k: how many, 1 <= k <= n.
 
   Returns:
     int64 [rows, k]: row r lists its columns by decreasing score, equal
     scores by increasing column.
   """
-  rows, n = scores.shape
+  n = scores.shape[-1]
   if not 1 <= k <= n:
     raise ValueError(f'k must be in [1, {n}], got {k}.')
-  # The k-th largest value of each row; everything above it is kept, and the
-  # lowest-indexed columns equal to it fill the remaining places.
-  kth = np.partition(scores, n - k, axis=1)[:, n - k:n - k + 1]  # [rows, 1]
-  above = scores > kth
-  equal = scores == kth
-  room = k - np.sum(above, axis=1, keepdims=True)
-  keep = above | (equal & (np.cumsum(equal, axis=1) <= room))
-  # Exactly k per row; np.nonzero lists them row by row, columns ascending.
-  columns = np.nonzero(keep)[1].reshape(rows, k)
-  kept = np.take_along_axis(scores, columns, axis=1)
-  # A stable sort by decreasing score keeps equal scores in column order.
-  order = np.argsort(-kept, axis=1, kind='stable')
-  return np.take_along_axis(columns, order, axis=1).astype(np.int64)
+  return tf.math.top_k(scores, k=k, sorted=True).indices.numpy().astype(
+      np.int64)
 
 
 def nearest_neighbours(
@@ -116,12 +111,15 @@ def nearest_neighbours(
 ) -> np.ndarray:
   """The k most cosine-similar bank items of each query, chunk by chunk.
 
+  Memory: one float32 [chunk_size, n] similarity block at a time (ImageNet
+  train as the bank, chunk 1024: 5.2 GB; lower `chunk_size` to fit).
+
   Args:
     query: float [q, d] embeddings (normalised here).
     bank: float [n, d], or None for leave-one-out against `query` itself (a
       query is never its own neighbour).
     k: neighbours per query; at most n (n - 1 in leave-one-out).
-    chunk_size: queries scored at once; memory is O(chunk_size * n).
+    chunk_size: queries scored at once.
 
   Returns:
     int64 [q, k] bank indices (query indices in leave-one-out), nearest
@@ -129,18 +127,25 @@ def nearest_neighbours(
   """
   if chunk_size < 1:
     raise ValueError(f'chunk_size must be >= 1, got {chunk_size}.')
-  query = l2_normalize(query)
+  query = tf.constant(l2_normalize(query))
   leave_one_out = bank is None
-  bank = query if leave_one_out else l2_normalize(bank)
-  out = np.empty((query.shape[0], k), np.int64)
-  for start in range(0, query.shape[0], chunk_size):
-    stop = min(start + chunk_size, query.shape[0])
-    similarity = query[start:stop] @ bank.T  # [c, n] float32
-    if leave_one_out:
-      # -inf ranks the query itself below every real similarity (>= -1).
-      rows = np.arange(stop - start)
-      similarity[rows, rows + start] = -np.inf
-    out[start:stop] = top_k_stable(similarity, k)
+  bank = query if leave_one_out else tf.constant(l2_normalize(bank))
+  num_queries = int(query.shape[0])
+  out = np.empty((num_queries, k), np.int64)
+  for start in range(0, num_queries, chunk_size):
+    stop = min(start + chunk_size, num_queries)
+    similarity = tf.matmul(query[start:stop], bank, transpose_b=True)
+    if not leave_one_out:
+      out[start:stop] = top_k_stable(similarity, k)
+      continue
+    # Take one more and drop the query itself: the others keep their order
+    # (ties included). If rounding ranked it below k others, drop the last.
+    ranked = top_k_stable(similarity, k + 1)  # [c, k + 1]
+    is_self = ranked == np.arange(start, stop)[:, None]
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)
+    keep = np.ones(ranked.shape, bool)
+    keep[np.arange(stop - start), drop] = False
+    out[start:stop] = ranked[keep].reshape(stop - start, k)
   return out
 
 
