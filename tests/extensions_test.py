@@ -1,6 +1,6 @@
 """Flags, config checks, train-step hooks and end-to-end smoke tests of the
 beyond-the-reference features: GenSCL, CutMix / Mixup, distillation and the
-momentum queue (supcon_tf/extensions.py and the modules it wires in).
+momentum queue (supcon_tf/training/extensions.py and the modules it wires in).
 
 The end-to-end runs use `tiny_config` of tests/train_test.py (2 steps of a
 ResNet-18 at width 0.25 on 16 px digits). One run (CutMix + GenSCL) is

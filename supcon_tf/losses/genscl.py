@@ -32,7 +32,7 @@ columns offset by `replica_id * local_batch`, so the loss and its gradients
 equal the single-device ones on the concatenated batch.
 
 Optionally, extra contrast samples (e.g. a momentum queue of keys, see
-`momentum.py`) join the contrast set: they are targets and softmax entries,
+`training/momentum.py`, `queue.py`) join the contrast set: they are targets and softmax entries,
 never anchors, and are the same on every replica (not gathered).
 """
 
