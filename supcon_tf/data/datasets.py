@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from supcon_tf import config as config_lib
+from supcon_tf import errors
 
 DIGITS = 'digits'
 # Images and split sizes of the embedded dataset.
@@ -76,7 +77,7 @@ WHITENING = {
 _EVAL_ON_VALIDATION = ('imagenet2012',)
 
 
-class DatasetError(ValueError):
+class DatasetError(errors.UserError, ValueError):
   """A dataset that cannot be used; the message says why and what to do."""
 
 

@@ -411,8 +411,7 @@ def plot_embeddings(config: config_lib.ExperimentConfig,
                     ) -> Dict[str, str]:
   """Writes the t-SNE PNG, projector files and curves; returns their paths."""
   model_dir = config.runtime.model_dir
-  if not model_dir:
-    raise ValueError('--model_dir is required for plot_embeddings.')
+  config_lib.check_model_dir(config)
   info = datasets.get_dataset_info(config.data)
   if model is None:
     model = checkpoints.load_model_for_inference(config, info, strategy)
