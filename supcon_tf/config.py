@@ -726,14 +726,13 @@ def validate(config: ExperimentConfig) -> None:
          f'must be -1 (no cap) or a non-negative multiple of num_views '
          f'(= {d.num_views}), got {l.positives_cap}.')
   for i, stage in ((1, config.stage_1), (2, config.stage_2)):
-    # optim.LearningRateSchedule: the warmup ends before the stage does,
-    # except in a 0-epoch stage without warmup.
-    _check(stage.warmup_epochs < stage.epochs or
-           stage.epochs == stage.warmup_epochs == 0,
+    # optim.LearningRateSchedule: the warmup ends before the stage does. A
+    # 0-epoch stage is skipped (trainer.train_stage), its warmup unused.
+    _check(stage.epochs == 0 or stage.warmup_epochs < stage.epochs,
            f'stage_{i}_warmup_epochs',
            f'{stage.warmup_epochs:g} must be < --stage_{i}_epochs '
-           f'({stage.epochs:g}), or both 0: lower --stage_{i}_warmup_epochs '
-           f'(e.g. --stage_{i}_warmup_epochs=0) or raise --stage_{i}_epochs.')
+           f'({stage.epochs:g}): lower --stage_{i}_warmup_epochs (e.g. '
+           f'--stage_{i}_warmup_epochs=0) or raise --stage_{i}_epochs.')
   _validate_beyond_reference(config)
 
 

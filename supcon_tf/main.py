@@ -8,7 +8,7 @@ validated, and everything below receives it.
 
 Exit status: 0 done; 1 a user error (`errors.UserError`, the base of every
 user-facing error) with a one-line message naming the problem (`--verbosity=1`
-adds the traceback), or a usage error (bad flag values);
+adds the traceback), or a bad flag value (one `error:` line too);
 2 a mode that is not implemented; 75 (`trainer.PREEMPTED_EXIT_CODE`) stopped by
 SIGTERM after saving a checkpoint: run the same command again to resume.
 """
@@ -64,11 +64,14 @@ def run(config: config_lib.ExperimentConfig, strategy=None):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    print(f'error: Unexpected arguments: {argv[1:]} (flags are --name=value).',
+          file=sys.stderr, flush=True)
+    return 1
   try:
     config = config_lib.config_from_flags(FLAGS)
-  except (config_lib.ConfigError, ValueError) as e:
-    raise app.UsageError(str(e)) from e
+  except (errors.UserError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return 1
   if FLAGS.dry_run:
     print(config.to_json())
     return 0
@@ -94,9 +97,18 @@ def main(argv):
   return 0
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with a bad flag as one `error:` line (exit 1)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def run_main():
   """Console-script entry point (`supcon_tf ...`)."""
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

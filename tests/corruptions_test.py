@@ -15,14 +15,14 @@ from supcon_tf.data import datasets
 from supcon_tf.data import pipeline
 from tests import analysis_testing
 from tests import data_testing
-from tests.train_test import tiny_config
+from tests.testing import tiny_config
 
 
 @pytest.fixture(autouse=True)
 def _fresh_builders():
-  datasets._tfds_source.cache_clear()  # pylint: disable=protected-access
+  datasets.tfds_source.cache_clear()  # pylint: disable=protected-access
   yield
-  datasets._tfds_source.cache_clear()  # pylint: disable=protected-access
+  datasets.tfds_source.cache_clear()  # pylint: disable=protected-access
 
 
 def test_imagenet_mce_hand_computed():

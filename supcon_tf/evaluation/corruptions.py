@@ -202,7 +202,7 @@ def tfds_config_name(dataset: str, corruption: str, severity: int) -> str:
 def _open(name: str, data_dir: Optional[str]):
   # The tfds checks (prepared offline, image classification) and their
   # error messages are those of datasets.py.
-  return datasets._tfds_source(name, data_dir)  # pylint: disable=protected-access
+  return datasets.tfds_source(name, data_dir)  # pylint: disable=protected-access
 
 
 def _eval_split(source) -> str:
@@ -266,7 +266,7 @@ def corrupted_examples(name: str, data_dir: Optional[str],
                                  shuffle_files=False)
   image_key, label_key = source.image_key, source.label_key
   return ds.map(
-      lambda ex: (datasets._to_rgb_uint8(ex[image_key]),  # pylint: disable=protected-access
+      lambda ex: (datasets.to_rgb_uint8(ex[image_key]),  # pylint: disable=protected-access
                   tf.cast(ex[label_key], tf.int32)),
       num_parallel_calls=tf.data.AUTOTUNE)
 

@@ -396,7 +396,7 @@ def class_names(data_config: config_lib.DataConfig,
   """Human-readable class names (tfds ClassLabel names), else the indices."""
   if datasets.base_name(info.name) != datasets.DIGITS:
     try:
-      source = datasets._tfds_source(info.name, data_config.data_dir)  # pylint: disable=protected-access
+      source = datasets.tfds_source(info.name, data_config.data_dir)  # pylint: disable=protected-access
       names = source.builder.info.features[source.label_key].names
       if names and len(names) == info.num_classes:
         return [str(n) for n in names]
