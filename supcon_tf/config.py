@@ -162,20 +162,19 @@ def _non_empty(v) -> Optional[str]:
   return None if v else 'must name a dataset.'
 
 
-def float_list(values, flag: str, fv=None) -> Tuple[float, ...]:
-  del fv
-  try:
-    return tuple(float(v) for v in values)
-  except ValueError as e:
-    raise ConfigError(f'--{flag}: expected numbers, got {values}.') from e
+def _number_list(kind: type, what: str) -> Parse:
+  """A list flag's strings -> a tuple of `kind`; ConfigError naming the flag."""
+  def parse(values, flag: str, fv=None):
+    del fv
+    try:
+      return tuple(kind(v) for v in values)
+    except ValueError as e:
+      raise ConfigError(f'--{flag}: expected {what}, got {values}.') from e
+  return parse
 
 
-def int_list(values, flag: str, fv=None) -> Tuple[int, ...]:
-  del fv
-  try:
-    return tuple(int(v) for v in values)
-  except ValueError as e:
-    raise ConfigError(f'--{flag}: expected integers, got {values}.') from e
+float_list = _number_list(float, 'numbers')
+int_list = _number_list(int, 'integers')
 
 
 def str_list(values, flag: str, fv=None) -> Tuple[str, ...]:
