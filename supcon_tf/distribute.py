@@ -13,6 +13,7 @@ from absl import logging
 import tensorflow as tf
 
 from supcon_tf import enums
+from supcon_tf import errors
 
 
 def num_replicas_in_sync() -> int:
@@ -64,7 +65,7 @@ def cross_replica_concat(tensor: tf.Tensor) -> tf.Tensor:
   return ctx.all_gather(tensor, axis=0)
 
 
-class TFConfigError(ValueError):
+class TFConfigError(errors.UserError, ValueError):
   """The TF_CONFIG environment variable is malformed; the message says how."""
 
 

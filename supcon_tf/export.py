@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
+from supcon_tf import errors
 from supcon_tf import models
 from supcon_tf.data import augment
 from supcon_tf.data import datasets
@@ -38,7 +39,7 @@ SIGNATURE_KEY = 'serving_default'
 PREPROCESSED_SIGNATURE_KEY = 'logits_from_preprocessed'
 
 
-class ExportError(RuntimeError):
+class ExportError(errors.UserError, RuntimeError):
   """The export cannot be written; the message says why."""
 
 

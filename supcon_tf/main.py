@@ -6,8 +6,9 @@ r"""Command-line entry point: flags -> config -> strategy -> run(mode).
 Only this module and `config.py` read absl FLAGS. The config is built once,
 validated, and everything below receives it.
 
-Exit status: 0 done; 1 an error with a one-line message naming the problem
-(`--verbosity=1` adds the traceback), or a usage error (bad flag values);
+Exit status: 0 done; 1 a user error (`errors.UserError`, the base of every
+user-facing error) with a one-line message naming the problem (`--verbosity=1`
+adds the traceback), or a bad flag value (one `error:` line too);
 2 a mode that is not implemented; 75 (`trainer.PREEMPTED_EXIT_CODE`) stopped by
 SIGTERM after saving a checkpoint: run the same command again to resume.
 """
@@ -21,6 +22,7 @@ from absl import logging
 
 from supcon_tf import config as config_lib
 from supcon_tf import enums
+from supcon_tf import errors
 
 config_lib.define_flags()
 FLAGS = flags.FLAGS
@@ -41,34 +43,12 @@ def _handlers():
   return handlers
 
 
-_TRAINING_MODES = (enums.Mode.PRETRAIN, enums.Mode.CLASSIFIER, enums.Mode.TRAIN,
-                   enums.Mode.TRAIN_THEN_EVAL)
-
-
 def _preflight(config: config_lib.ExperimentConfig):
   """Checks that would otherwise fail late (after imports or training)."""
-  mode = config.runtime.mode
-  if mode in _TRAINING_MODES and not config.runtime.model_dir:
-    raise config_lib.ConfigError(
-        f'--model_dir is required for --mode={mode.value} (checkpoints, '
-        'config.json and summaries go there).')
-  if mode == enums.Mode.TRAIN_THEN_EVAL:
+  config_lib.check_model_dir(config)
+  if config.runtime.mode == enums.Mode.TRAIN_THEN_EVAL:
     from supcon_tf import export  # pylint: disable=g-import-not-at-top
     export.check_export_dir(config)
-
-
-def _user_errors():
-  """Errors whose message says all (no traceback needed)."""
-  # pylint: disable=g-import-not-at-top
-  from supcon_tf.training import checkpoints
-  from supcon_tf import distribute
-  from supcon_tf import export
-  from supcon_tf.training import trainer
-  from supcon_tf.data import datasets
-  # pylint: enable=g-import-not-at-top
-  return (config_lib.ConfigError, trainer.TrainingError,
-          checkpoints.CheckpointError, datasets.DatasetError,
-          export.ExportError, distribute.TFConfigError)
 
 
 def run(config: config_lib.ExperimentConfig, strategy=None):
@@ -84,11 +64,14 @@ def run(config: config_lib.ExperimentConfig, strategy=None):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    print(f'error: Unexpected arguments: {argv[1:]} (flags are --name=value).',
+          file=sys.stderr, flush=True)
+    return 1
   try:
     config = config_lib.config_from_flags(FLAGS)
-  except (config_lib.ConfigError, ValueError) as e:
-    raise app.UsageError(str(e)) from e
+  except (errors.UserError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return 1
   if FLAGS.dry_run:
     print(config.to_json())
     return 0
@@ -101,13 +84,12 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     return 2
   except Exception as e:  # pylint: disable=broad-except
-    if not isinstance(e, config_lib.ConfigError):  # (Those import no TF.)
+    if not isinstance(e, errors.UserError):
       from supcon_tf.training import trainer  # pylint: disable=g-import-not-at-top
       if isinstance(e, trainer.Preempted):
         print(str(e), file=sys.stderr, flush=True)
         return trainer.PREEMPTED_EXIT_CODE
-      if not isinstance(e, _user_errors()):
-        raise
+      raise
     if FLAGS['verbosity'].present:
       traceback.print_exc()
     print(f'error: {e}', file=sys.stderr, flush=True)
@@ -115,9 +97,18 @@ def main(argv):
   return 0
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with a bad flag as one `error:` line (exit 1)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def run_main():
   """Console-script entry point (`supcon_tf ...`)."""
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

@@ -50,9 +50,7 @@ def run_export(config, strategy):
 def run_show_augmentations(config, strategy):
   del strategy
   from supcon_tf.data import visualize  # pylint: disable=g-import-not-at-top
-  if not config.runtime.model_dir:
-    raise trainer.TrainingError(
-        '--model_dir is required for show_augmentations.')
+  config_lib.check_model_dir(config, trainer.TrainingError)
   path = visualize.save_augmentation_grid(
       config, os.path.join(config.runtime.model_dir, 'augmentations.png'))
   print(f'[show_augmentations] wrote {path}', flush=True)

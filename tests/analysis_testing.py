@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from supcon_tf import enums
 from supcon_tf import main as main_lib
-from tests.train_test import tiny_config
+from tests.testing import tiny_config
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy('/cpu:0')
 

@@ -25,8 +25,8 @@ from supcon_tf.data import datasets
 from supcon_tf.evaluation import classify
 from supcon_tf import models
 from tests import data_testing
-from tests.train_test import ONE_DEVICE
-from tests.train_test import tiny_config
+from tests.testing import ONE_DEVICE
+from tests.testing import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -201,12 +201,12 @@ def test_corrupt_image_files(tmp_path):
   config = tiny_config(tmp_path / 'run', data__dataset='broken_images',
                        data__data_dir=data_dir, stage_2__epochs=0,
                        runtime__max_train_steps=1)
-  datasets._tfds_source.cache_clear()  # pylint: disable=protected-access
+  datasets.tfds_source.cache_clear()  # pylint: disable=protected-access
   try:
     with pytest.raises(datasets.DatasetError) as info:
       train.train_stage(config, ONE_DEVICE, 1)
   finally:
-    datasets._tfds_source.cache_clear()  # pylint: disable=protected-access
+    datasets.tfds_source.cache_clear()  # pylint: disable=protected-access
   message = str(info.value)
   assert 'reading the training data of broken_images failed' in message
   assert 'corrupt or truncated image or record file' in message

@@ -16,9 +16,9 @@ from tests import data_testing
 def _fresh_builders():
   # Builders are cached per (name, data_dir); tests reuse names in new dirs
   # and under tfds mocking, so start each test clean.
-  datasets._tfds_source.cache_clear()  # pylint: disable=protected-access
+  datasets.tfds_source.cache_clear()  # pylint: disable=protected-access
   yield
-  datasets._tfds_source.cache_clear()  # pylint: disable=protected-access
+  datasets.tfds_source.cache_clear()  # pylint: disable=protected-access
 
 
 def _data(**kwargs) -> config_lib.DataConfig:

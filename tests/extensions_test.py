@@ -26,8 +26,8 @@ from supcon_tf.data import mixing
 from supcon_tf.data import pipeline
 from supcon_tf import models
 from tests.conftest import mirrored_strategy
-from tests.train_test import _mode
-from tests.train_test import tiny_config
+from tests.testing import run_mode as _mode
+from tests.testing import tiny_config
 
 
 def _parse(*args):

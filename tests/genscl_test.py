@@ -9,72 +9,14 @@ import tensorflow as tf
 
 from supcon_tf.losses import genscl
 from supcon_tf import losses
+from tests import loss_oracle
 from tests.conftest import mirrored_strategy
+from tests.loss_oracle import numpy_genscl
 from tests.losses_test import replica_run
 
 
-def _normalized(shape, seed):
-  x = np.random.RandomState(seed).randn(*shape).astype(np.float32)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def _soft_labels(batch, classes, seed):
-  rng = np.random.RandomState(seed)
-  y = rng.dirichlet(np.ones(classes), size=batch).astype(np.float32)
-  y[0] = np.eye(classes)[0]  # A one-hot row among soft ones.
-  return y
-
-
-def numpy_genscl(features, labels, temperature=0.07,
-                 contrast_mode='all_views', scale_by_temperature=True,
-                 label_similarity='dot', extra_features=None,
-                 extra_labels=None, extra_mask=None):
-  """Loop-by-loop re-derivation of the module docstring in float64."""
-  f = np.asarray(features, np.float64)
-  batch, views, _ = f.shape
-  z = f.transpose(1, 0, 2).reshape(views * batch, -1)  # View-major.
-  if labels is None:
-    y = np.eye(batch)
-  else:
-    y = np.asarray(labels, np.float64)
-    if y.ndim == 1:
-      y = np.eye(int(y.max()) + 1)[y.astype(int)]
-  extra_z = np.zeros([0, z.shape[1]])
-  extra_y = np.zeros([0, y.shape[1]])
-  if extra_features is not None:
-    keep = (np.ones(len(extra_features)) if extra_mask is None else
-            np.asarray(extra_mask)) > 0
-    extra_z = np.asarray(extra_features, np.float64)[keep]
-    if labels is None:
-      extra_y = np.zeros([len(extra_z), y.shape[1]])
-    else:
-      extra_y = np.asarray(extra_labels, np.float64)[keep]
-  if label_similarity == 'cosine':
-    y = y / np.linalg.norm(y, axis=1, keepdims=True)
-    if len(extra_y):
-      extra_y = extra_y / np.linalg.norm(extra_y, axis=1, keepdims=True)
-  anchors = range(views * batch) if contrast_mode == 'all_views' else range(
-      batch)
-  out = np.zeros(batch)
-  counts = np.zeros(batch)
-  for i in anchors:
-    bi = i % batch
-    others = [j for j in range(views * batch) if j != i]
-    cz = np.concatenate([z[others], extra_z])
-    cy = np.concatenate([y[[j % batch for j in others]], extra_y])
-    s = cz @ z[i] / temperature
-    w = cy @ y[bi]
-    if w.sum() <= 0:
-      loss = 0.0
-    else:
-      t = w / w.sum()
-      log_p = s - np.log(np.exp(s - s.max()).sum()) - s.max()
-      loss = -(t * log_p).sum()
-    if scale_by_temperature:
-      loss *= temperature
-    out[bi] += loss
-    counts[bi] += 1
-  return out / counts
+_normalized = loss_oracle.normalized
+_soft_labels = loss_oracle.soft_labels
 
 
 def test_hand_computed_soft_labels():

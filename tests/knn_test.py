@@ -15,7 +15,7 @@ from supcon_tf import models
 from supcon_tf.evaluation import plots
 from tests import analysis_testing
 from tests.conftest import mirrored_strategy
-from tests.train_test import tiny_config
+from tests.testing import tiny_config
 
 
 def _clusters(num_classes, per_class, dim, noise, seed):

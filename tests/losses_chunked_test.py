@@ -14,14 +14,13 @@ import tensorflow as tf
 
 from supcon_tf import config as config_lib
 from supcon_tf import losses
+from tests import loss_oracle
 from tests.conftest import mirrored_strategy
 from tests.losses_test import replica_run
-from tests.losses_test import numpy_supcon
+from tests.loss_oracle import numpy_supcon
 
 
-def _normalized(shape, seed):
-  x = np.random.RandomState(seed).randn(*shape).astype(np.float32)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+_normalized = loss_oracle.normalized
 
 
 def _loss_and_grad(features, labels, **kwargs):

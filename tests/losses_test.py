@@ -10,75 +10,12 @@ import tensorflow as tf
 
 from supcon_tf import enums
 from supcon_tf import losses
+from tests import loss_oracle
 from tests.conftest import mirrored_strategy
+from tests.loss_oracle import numpy_supcon
 
 
-def _normalized(shape, seed):
-  x = np.random.RandomState(seed).randn(*shape).astype(np.float32)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def numpy_supcon(features, labels=None, temperature=0.07,
-                 contrast_mode='all_views', summation_location='outside',
-                 denominator_mode='all', positives_cap=-1,
-                 scale_by_temperature=True):
-  """Loop-by-loop re-derivation of DESIGN.md section 2 in float64."""
-  f = np.asarray(features, np.float64)
-  batch, views, _ = f.shape
-  z = f.transpose(1, 0, 2).reshape(views * batch, -1)  # View-major.
-  sample_of = lambda j: j % batch  # pylint: disable=unnecessary-lambda-assignment
-  if labels is None:
-    same = np.eye(batch)
-  else:
-    labels = np.asarray(labels)
-    if labels.ndim == 1:
-      same = (labels[:, None] == labels[None, :]).astype(np.float64)
-    else:
-      same = labels.astype(np.float64) @ labels.T.astype(np.float64)
-  capped = same.copy()
-  if positives_cap > -1:
-    for b in range(batch):
-      others = [g for g in range(batch) if g != b]
-      # Highest values first, lower index first among equals.
-      order = sorted(others, key=lambda g, b=b: (-same[b, g], g))
-      keep = set(order[:positives_cap // views]) | {b}
-      for g in range(batch):
-        if g not in keep:
-          capped[b, g] = 0.0
-  anchor_rows = range(views * batch) if contrast_mode == 'all_views' else range(
-      batch)
-  per_anchor = {}
-  for i in anchor_rows:
-    bi = sample_of(i)
-    s = z @ z[i] / temperature
-    s = s - s.max()
-    e = np.exp(s)
-    pos = np.array([0.0 if j == i else capped[bi, sample_of(j)]
-                    for j in range(len(z))])
-    neg = np.array([1.0 - same[bi, sample_of(j)] for j in range(len(z))])
-    neg_sum = (e * neg).sum()
-    if denominator_mode == 'all':
-      den = np.full(len(z), neg_sum + (e * pos).sum())
-    elif denominator_mode == 'one_positive':
-      den = e + neg_sum
-    else:
-      den = np.full(len(z), neg_sum)
-    npos = pos.sum()
-    if npos == 0:
-      loss = 0.0
-    elif summation_location == 'outside':
-      loss = -((s - np.log(den)) * pos).sum() / npos
-    else:
-      loss = -np.log((e / den * pos).sum() / npos)
-    if scale_by_temperature:
-      loss *= temperature
-    per_anchor[i] = loss
-  out = np.zeros(batch)
-  counts = np.zeros(batch)
-  for i, loss in per_anchor.items():
-    out[sample_of(i)] += loss
-    counts[sample_of(i)] += 1
-  return out / counts
+_normalized = loss_oracle.normalized
 
 
 def test_hand_computed_symmetric_vectors():

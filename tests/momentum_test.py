@@ -10,14 +10,13 @@ import tensorflow as tf
 from supcon_tf import losses
 from supcon_tf import models
 from supcon_tf.training import momentum
+from tests import loss_oracle
 from tests.conftest import mirrored_strategy
 
 ONE_DEVICE = tf.distribute.OneDeviceStrategy('/cpu:0')
 
 
-def _normalized(shape, seed):
-  x = np.random.RandomState(seed).randn(*shape).astype(np.float32)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+_normalized = loss_oracle.normalized
 
 
 def _local_values(strategy, array):
@@ -31,54 +30,10 @@ def _local_values(strategy, array):
   return strategy.experimental_distribute_values_from_function(value_fn)
 
 
-def numpy_supcon_with_queue(features, labels, queue, queue_labels,
-                            temperature=0.07, contrast_mode='all_views',
-                            summation_location='outside',
-                            denominator_mode='all',
-                            scale_by_temperature=True):
-  """DESIGN.md section 2 with extra contrast samples, in float64 loops."""
-  f = np.asarray(features, np.float64)
-  batch, views, _ = f.shape
-  z = f.transpose(1, 0, 2).reshape(views * batch, -1)
-  q = np.asarray(queue, np.float64).reshape(-1, z.shape[1])
-  if labels is None:
-    same = np.eye(batch)
-    queue_same = np.zeros([batch, len(q)])
-  else:
-    labels, queue_labels = np.asarray(labels), np.asarray(queue_labels)
-    same = (labels[:, None] == labels[None, :]).astype(np.float64)
-    queue_same = (labels[:, None] == queue_labels[None, :]).astype(
-        np.float64)
-  anchors = range(views * batch) if contrast_mode == 'all_views' else range(
-      batch)
-  out, counts = np.zeros(batch), np.zeros(batch)
-  for i in anchors:
-    bi = i % batch
-    cz = np.concatenate([z, q])
-    s = cz @ z[i] / temperature
-    s = s - s.max()
-    e = np.exp(s)
-    pos = np.array([0.0 if j == i else same[bi, j % batch]
-                    for j in range(len(z))] + list(queue_same[bi]))
-    neg = np.array([1.0 - same[bi, j % batch] for j in range(len(z))] +
-                   list(1.0 - queue_same[bi]))
-    neg_sum = (e * neg).sum()
-    if denominator_mode == 'all':
-      den = np.full(len(cz), neg_sum + (e * pos).sum())
-    elif denominator_mode == 'one_positive':
-      den = e + neg_sum
-    else:
-      den = np.full(len(cz), neg_sum)
-    npos = pos.sum()
-    if npos == 0:
-      loss = 0.0
-    elif summation_location == 'outside':
-      loss = -((s - np.log(den)) * pos).sum() / npos
-    else:
-      loss = -np.log((e / den * pos).sum() / npos)
-    out[bi] += loss * (temperature if scale_by_temperature else 1.0)
-    counts[bi] += 1
-  return out / counts
+def numpy_supcon_with_queue(features, labels, queue, queue_labels, **kwargs):
+  """The NumPy oracle with the queue as extra contrast samples."""
+  return loss_oracle.numpy_supcon(features, labels, extra_features=queue,
+                                  extra_labels=queue_labels, **kwargs)
 
 
 # --- EMA ---------------------------------------------------------------------

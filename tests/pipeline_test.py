@@ -16,9 +16,9 @@ SIZE = 16
 
 @pytest.fixture(autouse=True)
 def _fresh_builders():
-  datasets._tfds_source.cache_clear()  # pylint: disable=protected-access
+  datasets.tfds_source.cache_clear()
   yield
-  datasets._tfds_source.cache_clear()  # pylint: disable=protected-access
+  datasets.tfds_source.cache_clear()
 
 
 def _config(**kwargs) -> config_lib.ExperimentConfig:

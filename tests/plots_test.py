@@ -10,7 +10,7 @@ from supcon_tf import enums
 from supcon_tf.evaluation import knn
 from supcon_tf.evaluation import plots
 from tests import analysis_testing
-from tests.train_test import tiny_config
+from tests.testing import tiny_config
 
 
 def _read_png(path):

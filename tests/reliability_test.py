@@ -30,9 +30,9 @@ from supcon_tf import losses
 from supcon_tf.training import trainer as train
 from supcon_tf.data import pipeline
 from tests.conftest import mirrored_strategy
-from tests.train_test import ONE_DEVICE
-from tests.train_test import free_ports
-from tests.train_test import tiny_config
+from tests.testing import ONE_DEVICE
+from tests.testing import free_ports
+from tests.testing import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Steps of the interrupted / uninterrupted runs.

@@ -18,45 +18,20 @@ import tensorflow_datasets as tfds
 from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import enums
-from supcon_tf import main as main_lib
 from supcon_tf.training import trainer as train
 from supcon_tf.data import datasets
 from supcon_tf import models
 from tests import data_testing
+from tests import testing
 from tests.conftest import mirrored_strategy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ONE_DEVICE = tf.distribute.OneDeviceStrategy('/cpu:0')
-
-
-def tiny_config(model_dir, **overrides) -> config_lib.ExperimentConfig:
-  """A config that trains in seconds on digits."""
-  base = config_lib.ExperimentConfig().replace(
-      model__depth=18, model__width=0.25, model__first_conv_kernel_size=3,
-      model__first_conv_stride=1, model__use_initial_max_pool=False,
-      model__projection_head_layers=(32, 16),
-      data__dataset='digits', data__batch_size=16, data__eval_batch_size=64,
-      augment__image_size=16,
-      augment__augmentation_type=enums.AugmentationType.SIMCLR,
-      augment__blur_probability=0.0,
-      stage_1__epochs=1, stage_1__warmup_epochs=0,
-      stage_1__optimizer=enums.Optimizer.MOMENTUM,
-      stage_1__base_learning_rate=0.1,
-      stage_2__epochs=1, stage_2__warmup_epochs=0,
-      stage_2__optimizer=enums.Optimizer.MOMENTUM,
-      runtime__model_dir=str(model_dir), runtime__max_train_steps=2,
-      runtime__max_eval_steps=1, runtime__steps_per_loop=2,
-      runtime__summary_interval_steps=1, runtime__save_interval_steps=1)
-  return base.replace(**overrides) if overrides else base
-
-
-def _mode(config, mode, strategy=ONE_DEVICE):
-  return main_lib.run(config.replace(runtime__mode=mode), strategy)
-
-
-def _uint8_images(n=3, h=11, w=13, seed=0):
-  return np.random.RandomState(seed).randint(0, 256, [n, h, w, 3]).astype(
-      np.uint8)
+# The fixtures live in tests/testing.py; these names stay importable from here.
+ONE_DEVICE = testing.ONE_DEVICE
+tiny_config = testing.tiny_config
+free_ports = testing.free_ports
+_mode = testing.run_mode
+_uint8_images = testing.uint8_images
 
 
 def test_train_then_eval_writes_everything(tmp_path):
@@ -213,12 +188,12 @@ def test_mock_tfds_dataset_train_then_eval(tmp_path):
   data_testing.write_fake_cifar10(data_dir, num_train=40, num_test=12)
   config = tiny_config(tmp_path / 'run', data__dataset='cifar10',
                        data__data_dir=data_dir, data__eval_batch_size=8)
-  datasets._tfds_source.cache_clear()  # pylint: disable=protected-access
+  datasets.tfds_source.cache_clear()  # pylint: disable=protected-access
   try:
     with tfds.testing.mock_data(num_examples=32, data_dir=data_dir):
       results = _mode(config, enums.Mode.TRAIN_THEN_EVAL)
   finally:
-    datasets._tfds_source.cache_clear()  # pylint: disable=protected-access
+    datasets.tfds_source.cache_clear()  # pylint: disable=protected-access
   assert results['dataset'] == 'cifar10' and results['num_examples'] == 8
 
 
@@ -245,18 +220,6 @@ def test_four_replicas_with_global_bn_equal_one_device(tmp_path):
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5)
     moved |= not np.allclose(a, c)
   assert moved
-
-
-def free_ports(n):
-  """`n` TCP ports on 127.0.0.1 free right now (for TF_CONFIG clusters)."""
-  import socket  # pylint: disable=g-import-not-at-top
-  socks = [socket.socket() for _ in range(n)]
-  for s in socks:
-    s.bind(('127.0.0.1', 0))
-  ports = [s.getsockname()[1] for s in socks]
-  for s in socks:
-    s.close()
-  return ports
 
 
 def test_multi_worker_two_processes_agree(tmp_path):

@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from supcon_tf import config as config_lib
+from supcon_tf import errors
 
 DIGITS = 'digits'
 # Images and split sizes of the embedded dataset.
@@ -76,7 +77,7 @@ WHITENING = {
 _EVAL_ON_VALIDATION = ('imagenet2012',)
 
 
-class DatasetError(ValueError):
+class DatasetError(errors.UserError, ValueError):
   """A dataset that cannot be used; the message says why and what to do."""
 
 
@@ -155,7 +156,7 @@ def _digits_arrays() -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _TfdsSource:
+class TfdsSource:
   """What `load_split` needs beyond `DatasetInfo` to read a tfds dataset."""
   builder: Any  # tfds.core.DatasetBuilder
   image_key: str
@@ -217,7 +218,7 @@ def _not_prepared_message(name: str, builder) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _tfds_source(name: str, data_dir: Optional[str]) -> _TfdsSource:
+def tfds_source(name: str, data_dir: Optional[str]) -> TfdsSource:
   """Opens the tfds builder of `name` and checks it is usable, offline.
 
   Raises:
@@ -272,7 +273,7 @@ def _tfds_source(name: str, data_dir: Optional[str]) -> _TfdsSource:
         f'Dataset {name!r}: images have {num_channels} channels; only grey, '
         'RGB and RGBA images are supported.')
   split_sizes = {k: int(v.num_examples) for k, v in info.splits.items()}
-  return _TfdsSource(builder=builder, image_key=image_key,
+  return TfdsSource(builder=builder, image_key=image_key,
                      label_key=label_key, num_channels=num_channels,
                      split_sizes=split_sizes)
 
@@ -318,7 +319,7 @@ def get_dataset_info(data_config: config_lib.DataConfig) -> DatasetInfo:
     num_classes, image_shape = 10, (8, 8, 3)
     train_split, eval_split = 'train', 'test'
   else:
-    source = _tfds_source(name, data_config.data_dir)
+    source = tfds_source(name, data_config.data_dir)
     train_split, eval_split = _pick_splits(name, source.split_sizes)
     num_train = source.split_sizes[train_split]
     num_eval = source.split_sizes[eval_split]
@@ -347,7 +348,7 @@ def shard_bounds(num_examples: int, num_shards: int,
           num_examples * (shard_id + 1) // num_shards)
 
 
-def _to_rgb_uint8(image: tf.Tensor) -> tf.Tensor:
+def to_rgb_uint8(image: tf.Tensor) -> tf.Tensor:
   """Any tfds image -> uint8 [h, w, 3] (grey repeated, alpha dropped)."""
   if image.dtype != tf.uint8:
     image = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
@@ -439,14 +440,14 @@ def load_split(
     ds = tf.data.Dataset.from_tensor_slices(
         (images[start:end], labels[start:end]))
   else:
-    source = _tfds_source(info.name, data_config.data_dir)
+    source = tfds_source(info.name, data_config.data_dir)
     # Absolute slicing reads only this shard's records, whereas
     # `Dataset.shard` would make every host read (and drop) the whole split.
     ds = source.builder.as_dataset(
         split=f'{split}[{start}:{end}]', shuffle_files=False)
     image_key, label_key = source.image_key, source.label_key
     ds = ds.map(
-        lambda ex: (_to_rgb_uint8(ex[image_key]),
+        lambda ex: (to_rgb_uint8(ex[image_key]),
                     tf.cast(ex[label_key], tf.int32)),
         num_parallel_calls=tf.data.AUTOTUNE)
 

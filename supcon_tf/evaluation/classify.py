@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from supcon_tf import config as config_lib
 from supcon_tf import distribute
+from supcon_tf import errors
 from supcon_tf import models
 from supcon_tf.data import datasets
 from supcon_tf.data import pipeline
@@ -20,7 +21,7 @@ from supcon_tf.evaluation import runner
 from supcon_tf.training import checkpoints
 
 
-class EvalError(RuntimeError):
+class EvalError(errors.UserError, RuntimeError):
   """Nothing to evaluate (an empty eval split)."""
 
 

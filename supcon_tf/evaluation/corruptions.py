@@ -42,6 +42,7 @@ from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import distribute
 from supcon_tf import enums
+from supcon_tf import errors
 from supcon_tf.evaluation import results as results_lib
 from supcon_tf.evaluation import runner
 from supcon_tf import models
@@ -49,17 +50,10 @@ from supcon_tf.data import datasets
 
 RESULTS_FILE = 'corruption_results.json'
 
-# The 15 benchmark corruptions, in the paper's order (noise, blur, weather,
-# digital). ImageNet-C's mCE averages exactly these.
-CORRUPTIONS = (
-    'gaussian_noise', 'shot_noise', 'impulse_noise',
-    'defocus_blur', 'glass_blur', 'motion_blur', 'zoom_blur',
-    'snow', 'frost', 'fog', 'brightness',
-    'contrast', 'elastic_transform', 'pixelate', 'jpeg_compression',
-)
-# The 4 held-out corruptions of the paper's appendix (tfds has them too); they
-# can be evaluated with --corruptions but are not part of mCE.
-EXTRA_CORRUPTIONS = ('speckle_noise', 'gaussian_blur', 'spatter', 'saturate')
+# The 15 benchmark corruptions (the mCE set) and the 4 held-out ones; declared
+# in config.py, which checks --corruptions when flags are parsed.
+CORRUPTIONS = config_lib.CORRUPTIONS
+EXTRA_CORRUPTIONS = config_lib.EXTRA_CORRUPTIONS
 SEVERITIES = (1, 2, 3, 4, 5)
 
 # Top-1 error of AlexNet on each ImageNet-C corruption, averaged over the 5
@@ -108,7 +102,7 @@ _TFDS_NAMES = {
 }
 
 
-class CorruptionError(ValueError):
+class CorruptionError(errors.UserError, ValueError):
   """Bad corruption settings or data; the message says what to do."""
 
 
@@ -208,7 +202,7 @@ def tfds_config_name(dataset: str, corruption: str, severity: int) -> str:
 def _open(name: str, data_dir: Optional[str]):
   # The tfds checks (prepared offline, image classification) and their
   # error messages are those of datasets.py.
-  return datasets._tfds_source(name, data_dir)  # pylint: disable=protected-access
+  return datasets.tfds_source(name, data_dir)  # pylint: disable=protected-access
 
 
 def _eval_split(source) -> str:
@@ -272,7 +266,7 @@ def corrupted_examples(name: str, data_dir: Optional[str],
                                  shuffle_files=False)
   image_key, label_key = source.image_key, source.label_key
   return ds.map(
-      lambda ex: (datasets._to_rgb_uint8(ex[image_key]),  # pylint: disable=protected-access
+      lambda ex: (datasets.to_rgb_uint8(ex[image_key]),  # pylint: disable=protected-access
                   tf.cast(ex[label_key], tf.int32)),
       num_parallel_calls=tf.data.AUTOTUNE)
 

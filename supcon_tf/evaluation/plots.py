@@ -396,7 +396,7 @@ def class_names(data_config: config_lib.DataConfig,
   """Human-readable class names (tfds ClassLabel names), else the indices."""
   if datasets.base_name(info.name) != datasets.DIGITS:
     try:
-      source = datasets._tfds_source(info.name, data_config.data_dir)  # pylint: disable=protected-access
+      source = datasets.tfds_source(info.name, data_config.data_dir)  # pylint: disable=protected-access
       names = source.builder.info.features[source.label_key].names
       if names and len(names) == info.num_classes:
         return [str(n) for n in names]
@@ -411,8 +411,7 @@ def plot_embeddings(config: config_lib.ExperimentConfig,
                     ) -> Dict[str, str]:
   """Writes the t-SNE PNG, projector files and curves; returns their paths."""
   model_dir = config.runtime.model_dir
-  if not model_dir:
-    raise ValueError('--model_dir is required for plot_embeddings.')
+  config_lib.check_model_dir(config)
   info = datasets.get_dataset_info(config.data)
   if model is None:
     model = checkpoints.load_model_for_inference(config, info, strategy)

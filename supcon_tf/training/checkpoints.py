@@ -30,6 +30,7 @@ from absl import logging
 import tensorflow as tf
 
 from supcon_tf import config as config_lib
+from supcon_tf import errors
 from supcon_tf import models
 from supcon_tf.data import datasets
 
@@ -49,7 +50,7 @@ IGNORED_CONFIG_FIELDS = ('data.data_dir', 'data.eval_batch_size')
 _UNREADABLE = (tf.errors.OpError, ValueError, IndexError, EOFError, OSError)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   """A checkpoint is missing or does not fit the model; the message says why."""
 
 
@@ -272,10 +273,7 @@ def load_model_for_inference(config: config_lib.ExperimentConfig,
   stage_dirs = [stage_dir(model_dir, i) for i in (2, 1)] if model_dir else []
   stage_dirs = [d for d in stage_dirs if checkpoint_candidates(d)]
   if not stage_dirs and reference is None:
-    if not model_dir:
-      raise CheckpointError(
-          f'--model_dir is required for --mode={config.runtime.mode.value} '
-          '(or --reference_ckpt=CHECKPOINT).')
+    config_lib.check_model_dir(config, CheckpointError)
     raise CheckpointError(
         f'No checkpoint in --model_dir={model_dir!r}: train '
         'first (--mode=pretrain / classifier / train_then_eval).')

@@ -45,6 +45,7 @@ import tensorflow as tf
 from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import distribute
+from supcon_tf import errors
 from supcon_tf.training import extensions
 from supcon_tf.training import step as step_lib
 from supcon_tf import models
@@ -60,7 +61,7 @@ STAGE_DIRS = checkpoints.STAGE_DIRS
 PREEMPTED_EXIT_CODE = 75
 
 
-class TrainingError(RuntimeError):
+class TrainingError(errors.UserError, RuntimeError):
   """Training cannot start or continue; the message says why."""
 
 
@@ -221,8 +222,7 @@ class Trainer:
 
   def __init__(self, config: config_lib.ExperimentConfig,
                strategy: tf.distribute.Strategy, index: int):
-    if not config.runtime.model_dir:
-      raise TrainingError('--model_dir is required for training.')
+    config_lib.check_model_dir(config, TrainingError)
     self.config = config
     self.strategy = strategy
     self.info = datasets.get_dataset_info(config.data)
@@ -588,10 +588,7 @@ def train_stage(config: config_lib.ExperimentConfig,
                 strategy: tf.distribute.Strategy,
                 index: int) -> Dict[str, float]:
   """Trains stage `index` unless it has no steps."""
-  if not config.runtime.model_dir:
-    raise TrainingError(
-        f'--model_dir is required for --mode={config.runtime.mode.value} '
-        '(checkpoints, config.json and summaries go there).')
+  config_lib.check_model_dir(config, TrainingError)
   stage = config.stage_1 if index == 1 else config.stage_2
   if stage.epochs <= 0:
     print(f'[{STAGE_DIRS[index]}] skipped: stage_{index}_epochs is 0.',
