@@ -5,7 +5,6 @@ into `model_dir/eval_results.json` (other modes' keys are kept) and
 TensorBoard (`logs/eval`).
 """
 
-import os
 from typing import Any, Dict, Optional
 
 import tensorflow as tf
@@ -62,13 +61,10 @@ def evaluate(config: config_lib.ExperimentConfig,
   }
   model_dir = config.runtime.model_dir
   if model_dir and distribute.is_chief(strategy):
-    results_lib.merge_json(
-        os.path.join(model_dir, checkpoints.EVAL_RESULTS_FILE), results)
-    results_lib.write_scalars(
-        os.path.join(model_dir, 'logs', 'eval'),
+    results_lib.publish(
+        model_dir, checkpoints.EVAL_RESULTS_FILE, results,
         {k: results[k] for k in ('top_1_accuracy', 'top_5_accuracy',
-                                 'cross_entropy_loss')},
-        results_lib.checkpoint_step(checkpoint))
+                                 'cross_entropy_loss')}, checkpoint)
   print(f'[eval] {info.name}/{info.eval_split}: top-1 '
         f'{results["top_1_accuracy"]:.4f}, top-5 '
         f'{results["top_5_accuracy"]:.4f} on {results["num_examples"]} '

@@ -20,7 +20,6 @@ Results (`knn_top_1_accuracy@<k>` for each k in `--knn_k`) are merged into
 as TensorBoard scalars under `model_dir/logs/eval`.
 """
 
-import os
 from typing import Dict, Optional, Sequence, Union
 
 from absl import logging
@@ -210,12 +209,9 @@ def evaluate_knn(config: config_lib.ExperimentConfig,
   })
   model_dir = config.runtime.model_dir
   if model_dir and distribute.is_chief(strategy):
-    results_lib.merge_json(
-        os.path.join(model_dir, checkpoints.EVAL_RESULTS_FILE), results)
-    results_lib.write_scalars(
-        os.path.join(model_dir, 'logs', 'eval'),
-        {result_key(k): acc for k, acc in accuracies.items()},
-        results_lib.checkpoint_step(checkpoint))
+    results_lib.publish(
+        model_dir, checkpoints.EVAL_RESULTS_FILE, results,
+        {result_key(k): acc for k, acc in accuracies.items()}, checkpoint)
   shown = ', '.join(f'k={k}: {acc:.4f}' for k, acc in accuracies.items())
   print(f'[eval_knn] {info.name}/{info.eval_split}: weighted kNN top-1 '
         f'(T={analysis.knn_temperature:g}) {shown} on '

@@ -55,3 +55,16 @@ def write_scalars(log_dir: str, scalars: Dict[str, float], step: int) -> None:
       tf.summary.scalar(name, value)
   writer.flush()
   writer.close()
+
+
+def publish(model_dir: str, results_file: str, updates: Dict,
+            scalars: Dict[str, float], checkpoint: str) -> None:
+  """Merges `updates` into `model_dir/results_file` and writes `scalars`.
+
+  The one way an evaluation mode records what it measured: the JSON keeps
+  other modes' keys, and the TensorBoard scalars (`model_dir/logs/eval`) are
+  stamped with the evaluated checkpoint's step. Call on the chief only.
+  """
+  merge_json(os.path.join(model_dir, results_file), updates)
+  write_scalars(os.path.join(model_dir, 'logs', 'eval'), scalars,
+                checkpoint_step(checkpoint))

@@ -52,6 +52,7 @@ import tensorflow as tf
 from supcon_tf import distribute
 from supcon_tf import enums
 from supcon_tf.losses import kernel
+from supcon_tf.losses import layout
 
 ContrastModeLike = Union[enums.LossContrastMode, str]
 SummationLike = Union[enums.LossSummationLocation, str]
@@ -60,18 +61,9 @@ DenominatorLike = Union[enums.LossDenominatorMode, str]
 
 def _validate(features: tf.Tensor, labels: Optional[tf.Tensor], temperature,
               positives_cap: int, chunk_size):
-  """Static checks; returns (local_batch, num_views)."""
-  if features.shape.rank is None or features.shape.rank < 3:
-    raise ValueError(
-        f'supcon_loss: features must have rank >= 3 [batch, num_views, dim], '
-        f'got shape {features.shape}.')
-  if not features.dtype.is_floating:
-    raise ValueError(
-        f'supcon_loss: features must be floating point, got {features.dtype}.')
+  """Static checks of flattened features [batch, num_views, dim] and the
+  options; returns (local_batch, num_views)."""
   num_views = features.shape[1]
-  if num_views is None:
-    raise ValueError('supcon_loss: the num_views dimension (axis 1) of '
-                     f'features must be static, got shape {features.shape}.')
   if labels is not None:
     if labels.shape.rank not in (1, 2):
       raise ValueError(
@@ -151,18 +143,12 @@ def supcon_loss(features,
                                         summation_location)
   denominator_mode = enums.parse_enum(enums.LossDenominatorMode,
                                       denominator_mode)
-  features = tf.convert_to_tensor(features)
+  # Rank, dtype and static views checked; float32 [batch, views, dim].
+  features = layout.flatten_features(features, 'supcon_loss')
   if labels is not None:
     labels = tf.convert_to_tensor(labels)
   static_batch, num_views = _validate(features, labels, temperature,
                                       positives_cap, chunk_size)
-
-  if features.dtype != tf.float32:
-    # (Casting a float32 tensor to float32 can cut it from an eager tape.)
-    features = tf.cast(features, tf.float32)
-  if features.shape.rank > 3:
-    features = tf.reshape(features,
-                          tf.concat([tf.shape(features)[:2], [-1]], axis=0))
   local_batch = tf.shape(features)[0]
 
   # Contrast set: the global batch (identity outside a multi-replica context).
