@@ -97,6 +97,9 @@ class StageConfig:
   use_encoder_weight_decay: bool = True
   use_projection_head_weight_decay: bool = True
   use_classification_head_weight_decay: bool = False
+  # MOMENTUM / NESTEROV as Keras SGD (rate inside the velocity) instead of the
+  # reference's TF1 MomentumOptimizer (rate outside the accumulator).
+  keras_momentum: bool = False
 
 
 # Stage 2 differs from stage 1 in these reference defaults only.
@@ -136,6 +139,12 @@ class AugmentConfig:
   # Label mixing in the stage-1 train step (data/mixing.py); not reference.
   mix: enums.MixType = enums.MixType.NONE
   mix_alpha: float = 1.0
+  # Reference fidelity (README "Differences from the reference").
+  # PIL's Contrast (blend toward the mean grey level) instead of the
+  # reference library's (toward h * w / 256 grey levels).
+  pil_contrast: bool = False
+  # Deferred blur: one sigma per image instead of one per per-core batch.
+  blur_sigma_per_image: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +179,13 @@ class RuntimeConfig:
   override_config: bool = False
   # Replace a non-empty --export_dir.
   overwrite: bool = False
+  # Keep one checkpoint per this many seconds besides the newest
+  # max_checkpoints_to_keep (reference default: 10,000 hours).
+  keep_checkpoint_interval_secs: float = 60 * 60 * 1000 * 10
+  # --mode=continuous_eval: seconds between looks at model_dir, and how long
+  # to wait for a new checkpoint before giving up (the reference's 1 hour).
+  eval_interval_secs: float = 60
+  eval_timeout_secs: float = 60 * 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,6 +398,10 @@ def validate(config: ExperimentConfig) -> None:
   _check(an.plot_max_points >= 2, 'plot_max_points',
          f'must be >= 2, got {an.plot_max_points}.')
   _validate_beyond_reference(config)
+  for name in ('keep_checkpoint_interval_secs', 'eval_interval_secs',
+               'eval_timeout_secs'):
+    _check(getattr(r, name) >= 0, name,
+           f'must be >= 0 seconds, got {getattr(r, name)}.')
 
 
 def _validate_beyond_reference(config: ExperimentConfig) -> None:
@@ -695,6 +715,31 @@ def define_flags(fv: Optional[flags.FlagValues] = None) -> None:
             'projector.')
   d.bool('dry_run', False,
          'Print the resolved config as JSON and exit.')
+  # Reference fidelity.
+  for i, s in ((1, _S1), (2, _S2)):
+    d.bool(f'stage_{i}_keras_momentum', s.keras_momentum,
+           f'Stage {i} momentum / nesterov as Keras SGD (learning rate '
+           'inside the velocity) instead of the reference\'s TF1 '
+           'MomentumOptimizer (rate outside the accumulator).')
+  d.bool('pil_contrast', _A.pil_contrast,
+         'AutoAugment / RandAugment Contrast blends toward the mean grey '
+         'level (PIL) instead of the reference library\'s h*w/256.')
+  d.bool('blur_sigma_per_image', _A.blur_sigma_per_image,
+         'Deferred blur draws one sigma per image instead of the '
+         'reference\'s one per per-replica batch.')
+  d.float('keep_checkpoint_interval_secs', _R.keep_checkpoint_interval_secs,
+          'Keep one checkpoint per this many seconds permanently, besides '
+          'the newest --max_checkpoints_to_keep.')
+  d.float('eval_interval_secs', _R.eval_interval_secs,
+          'continuous_eval: at least this many seconds between evaluations '
+          '(new checkpoints are looked for this often).')
+  d.float('eval_timeout_secs', _R.eval_timeout_secs,
+          'continuous_eval: stop after waiting this long for a new '
+          'checkpoint.')
+  d.string('hparams', None,
+           'The reference\'s serialized hparams (e.g. "bs=1024,t=0.1,'
+           's1te=100"): reference defaults plus these values replace every '
+           'hyperparameter flag (see reference_hparams.py).')
 
 
 def _float_list(name: str, values) -> Tuple[float, ...]:
@@ -737,7 +782,8 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
         use_encoder_weight_decay=g('use_encoder_weight_decay'),
         use_projection_head_weight_decay=g('use_projection_head_weight_decay'),
         use_classification_head_weight_decay=g(
-            'use_classification_head_weight_decay'))
+            'use_classification_head_weight_decay'),
+        keras_momentum=g('keras_momentum'))
 
   config = ExperimentConfig(
       model=ModelConfig(
@@ -788,7 +834,9 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
           warp_probability=fv.warp_probability,
           allow_mixed_precision=fv.allow_mixed_precision,
           random_flip=fv.random_flip, mix=fv.mix,
-          mix_alpha=fv.mix_alpha),
+          mix_alpha=fv.mix_alpha,
+          pil_contrast=fv.pil_contrast,
+          blur_sigma_per_image=fv.blur_sigma_per_image),
       stage_1=stage(1),
       stage_2=stage(2),
       warm_start=WarmStartConfig(
@@ -809,7 +857,10 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
           max_train_steps=fv.max_train_steps,
           max_eval_steps=fv.max_eval_steps,
           deterministic=fv.deterministic,
-          override_config=fv.override_config, overwrite=fv.overwrite),
+          override_config=fv.override_config, overwrite=fv.overwrite,
+          keep_checkpoint_interval_secs=fv.keep_checkpoint_interval_secs,
+          eval_interval_secs=fv.eval_interval_secs,
+          eval_timeout_secs=fv.eval_timeout_secs),
       analysis=AnalysisConfig(
           knn_k=_int_list('knn_k', fv.knn_k),
           knn_temperature=fv.knn_temperature,
@@ -819,5 +870,8 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
           corruption_dataset=fv.corruption_dataset,
           plot_max_points=fv.plot_max_points),
   )
+  if fv.hparams is not None:
+    from supcon_tf import reference_hparams  # pylint: disable=g-import-not-at-top
+    config = reference_hparams.apply(config, fv.hparams, fv)
   validate(config)
   return config
