@@ -267,6 +267,7 @@ EXPECTED = {
         'augment.allow_mixed_precision': False, 'loss.temperature': 0.1,
         'data.eval_batch_size': 360,
         'model.projection_head_layers': [128, 64],
+        'stage_1.keras_momentum': True, 'stage_2.keras_momentum': True,
     },
 }
 
