@@ -330,6 +330,12 @@ class StageConfig:
       True, 'Decay projection head weights in stage {stage}.')
   use_classification_head_weight_decay: bool = flag_field(
       False, 'Decay classification head weights in stage {stage}.')
+  # Reference fidelity: MOMENTUM / NESTEROV as Keras SGD (rate inside the
+  # velocity) instead of the reference's TF1 MomentumOptimizer.
+  keras_momentum: bool = flag_field(
+      False, 'Stage {stage} momentum / nesterov as Keras SGD (learning rate '
+      'inside the velocity) instead of the reference\'s TF1 '
+      'MomentumOptimizer (rate outside the accumulator).')
 
 
 # Stage 2 differs from stage 1 in these reference defaults only.
@@ -404,6 +410,13 @@ class AugmentConfig:
   mix_alpha: float = flag_field(
       1.0, 'Beta(alpha, alpha) of the CutMix / Mixup lambda.',
       check=greater(0))
+  # Reference fidelity (README "Differences from the reference").
+  pil_contrast: bool = flag_field(
+      False, 'AutoAugment / RandAugment Contrast blends toward the mean grey '
+      'level (PIL) instead of the reference library\'s h*w/256.')
+  blur_sigma_per_image: bool = flag_field(
+      False, 'Deferred blur draws one sigma per image instead of the '
+      'reference\'s one per per-replica batch.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -462,6 +475,17 @@ class RuntimeConfig:
       False, 'Train in a --model_dir whose config.json holds a different '
       'experiment (the file is then replaced).')
   overwrite: bool = flag_field(False, 'Replace a non-empty --export_dir.')
+  # Reference fidelity: checkpoint retention and the continuous eval job.
+  keep_checkpoint_interval_secs: float = flag_field(
+      60 * 60 * 1000 * 10, 'Keep one checkpoint per this many seconds '
+      'permanently, besides the newest --max_checkpoints_to_keep (reference '
+      'default: 10,000 hours).', check=at_least(0))
+  eval_interval_secs: float = flag_field(
+      60, 'continuous_eval: at least this many seconds between evaluations '
+      '(new checkpoints are looked for this often).', check=at_least(0))
+  eval_timeout_secs: float = flag_field(
+      60 * 60, 'continuous_eval: stop after waiting this long for a new '
+      'checkpoint.', check=at_least(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -685,6 +709,11 @@ def define_flags(fv: Optional[flags.FlagValues] = None) -> None:
   flags.DEFINE_bool('dry_run', False,
                     'Print the resolved config as JSON and exit.',
                     flag_values=fv)
+  flags.DEFINE_string('hparams', None,
+                      'The reference\'s serialized hparams (e.g. "bs=1024,'
+                      't=0.1,s1te=100"): reference defaults plus these values '
+                      'replace every hyperparameter flag (see '
+                      'reference_hparams.py).', flag_values=fv)
 
 
 def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
@@ -696,6 +725,9 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
   config = ExperimentConfig(**{
       s.name: type(s.default)(**kwargs[s.name])
       for s in dataclasses.fields(ExperimentConfig)})
+  if fv['hparams'].value is not None:
+    from supcon_tf import reference_hparams  # pylint: disable=g-import-not-at-top
+    config = reference_hparams.apply(config, fv['hparams'].value, fv)
   validate(config)
   return config
 

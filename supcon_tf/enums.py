@@ -93,6 +93,9 @@ class Mode(enum.Enum):
   EVAL_KNN = 'eval_knn'  # Weighted kNN accuracy of the embedding.
   EVAL_CORRUPTIONS = 'eval_corruptions'  # ImageNet-C / CIFAR-10-C errors.
   PLOT_EMBEDDINGS = 'plot_embeddings'  # t-SNE plot and projector files.
+  # The reference's eval job: evaluate and export each new checkpoint of
+  # model_dir until the one at the last train step.
+  CONTINUOUS_EVAL = 'continuous_eval'
 
 
 @enum.unique

@@ -67,6 +67,11 @@ def run_eval_corruptions(config, strategy):
   return corruptions.run_eval_corruptions(config, strategy)
 
 
+def run_continuous_eval(config, strategy):
+  from supcon_tf.evaluation import continuous  # pylint: disable=g-import-not-at-top
+  return continuous.continuous_eval(config, strategy)
+
+
 def run_plot_embeddings(config, strategy):
   from supcon_tf.evaluation import plots  # pylint: disable=g-import-not-at-top
   return plots.run_plot_embeddings(config, strategy)
@@ -83,4 +88,5 @@ MODE_HANDLERS: Dict[enums.Mode, Handler] = {
     enums.Mode.EVAL_KNN: run_eval_knn,
     enums.Mode.EVAL_CORRUPTIONS: run_eval_corruptions,
     enums.Mode.PLOT_EMBEDDINGS: run_plot_embeddings,
+    enums.Mode.CONTINUOUS_EVAL: run_continuous_eval,
 }

@@ -419,6 +419,64 @@ class ReferenceRMSprop(keras.optimizers.RMSprop):
                                            initializer=initializer)
 
 
+@keras.saving.register_keras_serializable(package=_SERIALIZABLE_PACKAGE)
+class TF1Momentum(keras.optimizers.Optimizer):
+  """The reference's `tf.compat.v1.train.MomentumOptimizer`, for Keras 3.
+
+  The learning rate multiplies the accumulator instead of entering it:
+
+      accum <- momentum * accum + g
+      w <- w - lr * accum                       (plain)
+      w <- w - lr * (g + momentum * accum)      (Nesterov, the new accum)
+
+  Keras' SGD keeps the rate inside its velocity (v <- momentum * v - lr * g;
+  w <- w + v), so the two agree while the rate is constant and differ while
+  it changes (warmup, cosine, piecewise decay): after a rate change the TF1
+  form rescales the whole accumulated history at once.
+  """
+
+  def __init__(self,
+               learning_rate: Union[float, Callable[..., Any]] = 0.01,
+               momentum: float = MOMENTUM,
+               use_nesterov: bool = False,
+               name: str = 'TF1Momentum',
+               **kwargs):
+    super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+    self.momentum = float(momentum)
+    self.use_nesterov = bool(use_nesterov)
+
+  def build(self, var_list):
+    """One accumulator per variable, zero-initialised (as TF1)."""
+    if self.built:
+      return
+    super().build(var_list)
+    self._accumulators = self.add_optimizer_variables(var_list, 'momentum')
+
+  def update_step(self, gradient, variable, learning_rate):
+    """One TF1 momentum update of `variable`.
+
+    Args:
+      gradient: tensor shaped like `variable` (summed over replicas).
+      variable: the variable to update.
+      learning_rate: float scalar tensor.
+    """
+    accum_slot = self._accumulators[self._get_variable_index(variable)]
+    dtype = variable.dtype
+    g = tf.cast(tf.convert_to_tensor(gradient), dtype)
+    lr = tf.cast(learning_rate, dtype)
+    m = tf.cast(self.momentum, dtype)
+    accum = m * tf.convert_to_tensor(accum_slot) + g
+    self.assign(accum_slot, accum)
+    step = g + m * accum if self.use_nesterov else accum
+    self.assign_sub(variable, lr * step)
+
+  def get_config(self) -> Dict[str, Any]:
+    config = super().get_config()
+    config.update({'momentum': self.momentum,
+                   'use_nesterov': self.use_nesterov})
+    return config
+
+
 def _as_learning_rate(learning_rate):
   # Keras refuses ints (and numpy scalars) as learning rates.
   if isinstance(learning_rate, (int, float, np.number)):
@@ -435,8 +493,9 @@ def build_optimizer(
   """The optimizer of one stage, with the reference's hyperparameters.
 
   RMSPROP: `ReferenceRMSprop(rho=0.9, momentum=0.9,
-  epsilon=stage.rmsprop_epsilon)`; MOMENTUM / NESTEROV: `SGD(momentum=0.9)`
-  without / with Nesterov; ADAM: `Adam(0.9, 0.999, epsilon=1e-8)` (TF1
+  epsilon=stage.rmsprop_epsilon)`; MOMENTUM / NESTEROV: `TF1Momentum(0.9)`
+  (the reference's MomentumOptimizer) without / with Nesterov, or Keras'
+  `SGD(momentum=0.9)` with `stage.keras_momentum`; ADAM: `Adam(0.9, 0.999, epsilon=1e-8)` (TF1
   defaults); LARS: `LARS(momentum=0.9, eta=0.001,
   weight_decay=stage.weight_decay)` decaying and adapting
   `weight_decay_variables` only.
@@ -445,8 +504,7 @@ def build_optimizer(
   `stage.weight_decay * models.l2_weight_decay(weight_decay_variables)` to the
   loss (the reference does exactly this split). Keras' SGD applies the rate
   inside the momentum buffer where TF1's MomentumOptimizer applies it
-  outside; the two agree for a constant rate and differ slightly while it
-  changes.
+  outside; the two agree for a constant rate and differ while it changes.
 
   Args:
     stage: the stage's config (`optimizer`, `rmsprop_epsilon`,
@@ -465,14 +523,20 @@ def build_optimizer(
   kind = enums.parse_enum(enums.Optimizer, stage.optimizer)
   lr = _as_learning_rate(learning_rate)
   kw = {} if name is None else {'name': name}
+
+  def momentum_optimizer(nesterov: bool):
+    if stage.keras_momentum:  # Ours: the rate inside the velocity.
+      return keras.optimizers.SGD(learning_rate=lr, momentum=MOMENTUM,
+                                  nesterov=nesterov, **kw)
+    return TF1Momentum(learning_rate=lr, momentum=MOMENTUM,
+                       use_nesterov=nesterov, **kw)
+
   factories = {
       enums.Optimizer.RMSPROP: lambda: ReferenceRMSprop(
           learning_rate=lr, rho=RMSPROP_RHO, momentum=MOMENTUM,
           epsilon=stage.rmsprop_epsilon, centered=False, **kw),
-      enums.Optimizer.MOMENTUM: lambda: keras.optimizers.SGD(
-          learning_rate=lr, momentum=MOMENTUM, nesterov=False, **kw),
-      enums.Optimizer.NESTEROV: lambda: keras.optimizers.SGD(
-          learning_rate=lr, momentum=MOMENTUM, nesterov=True, **kw),
+      enums.Optimizer.MOMENTUM: lambda: momentum_optimizer(nesterov=False),
+      enums.Optimizer.NESTEROV: lambda: momentum_optimizer(nesterov=True),
       enums.Optimizer.ADAM: lambda: keras.optimizers.Adam(
           learning_rate=lr, beta_1=ADAM_BETA_1, beta_2=ADAM_BETA_2,
           epsilon=ADAM_EPSILON, **kw),

@@ -267,8 +267,21 @@ EXPECTED = {
         'augment.allow_mixed_precision': False, 'loss.temperature': 0.1,
         'data.eval_batch_size': 360,
         'model.projection_head_layers': [128, 64],
+        'stage_1.keras_momentum': True, 'stage_2.keras_momentum': True,
     },
 }
+
+
+# Where the reference's behaviour differs from our improvements, the paper
+# configurations select the reference's (README "Differences from the
+# reference"): its Contrast op, one blur sigma per per-core batch and the TF1
+# MomentumOptimizer.
+REFERENCE_BEHAVIOUR = {
+    'augment.pil_contrast': False, 'augment.blur_sigma_per_image': False,
+    'stage_1.keras_momentum': False, 'stage_2.keras_momentum': False,
+}
+for _name in REFERENCE_SCRIPTS:
+  EXPECTED[_name].update(REFERENCE_BEHAVIOUR)
 
 
 # -----------------------------------------------------------------------------

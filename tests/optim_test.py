@@ -445,10 +445,10 @@ def test_build_optimizer_class_and_hyperparameters(kind):
   expected = {
       enums.Optimizer.RMSPROP: (optim.ReferenceRMSprop, dict(
           rho=0.9, momentum=0.9, epsilon=0.001, centered=False)),
-      enums.Optimizer.MOMENTUM: (keras.optimizers.SGD, dict(
-          momentum=0.9, nesterov=False)),
-      enums.Optimizer.NESTEROV: (keras.optimizers.SGD, dict(
-          momentum=0.9, nesterov=True)),
+      enums.Optimizer.MOMENTUM: (optim.TF1Momentum, dict(
+          momentum=0.9, use_nesterov=False)),
+      enums.Optimizer.NESTEROV: (optim.TF1Momentum, dict(
+          momentum=0.9, use_nesterov=True)),
       enums.Optimizer.ADAM: (keras.optimizers.Adam, dict(
           beta_1=0.9, beta_2=0.999, epsilon=1e-8)),
       enums.Optimizer.LARS: (optim.LARS, dict(
@@ -461,6 +461,17 @@ def test_build_optimizer_class_and_hyperparameters(kind):
     assert getattr(opt, attr) == pytest.approx(value), attr
   # Only LARS decays; the others leave it to the loss.
   assert opt.weight_decay is None
+
+
+@pytest.mark.parametrize('kind,nesterov', [(enums.Optimizer.MOMENTUM, False),
+                                           (enums.Optimizer.NESTEROV, True)])
+def test_build_optimizer_keras_momentum(kind, nesterov):
+  opt = optim.build_optimizer(_stage(kind, keras_momentum=True), 0.25)
+  assert type(opt) is keras.optimizers.SGD  # pylint: disable=unidiomatic-typecheck
+  assert opt.momentum == pytest.approx(0.9) and opt.nesterov == nesterov
+  tf1 = optim.build_optimizer(_stage(kind), 0.25)
+  again = optim.TF1Momentum.from_config(tf1.get_config())
+  assert again.use_nesterov == nesterov and again.momentum == 0.9
 
 
 def test_build_optimizer_accepts_names_ints_and_schedules():

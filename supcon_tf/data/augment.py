@@ -19,7 +19,7 @@ TF Model Garden `official/vision/image_classification/augment.py` it imports):
 
   Deterministic ops (AutoAugment / RandAugment vocabulary):
     autocontrast, equalize, invert, posterize, solarize, solarize_add, color,
-    contrast, brightness, sharpness, rotate, shear_x, shear_y, translate_x,
+    contrast (PIL), reference_contrast (the reference library's), brightness, sharpness, rotate, shear_x, shear_y, translate_x,
     translate_y, grayscale, gaussian_blur.
   Random ops:
     cutout, random_resized_crop, random_flip, color_jitter, random_grayscale,
@@ -459,6 +459,28 @@ def contrast(image: tf.Tensor, factor) -> tf.Tensor:
   """
   mean = tf.reduce_mean(tf.image.rgb_to_grayscale(image))
   return _blend(mean, image, factor)
+
+
+def reference_contrast(image: tf.Tensor, factor) -> tf.Tensor:
+  """The reference augmentation library's `contrast`, on [0, 1] floats.
+
+  The Model Garden op (the reference's AutoAugment / RandAugment) means to
+  blend toward the mean grey level but sums the grey-level histogram without
+  weighting it by the levels: its "mean" is the pixel count h * w / 256,
+  clipped to 255 and truncated to uint8. A 224 px image thus always blends
+  toward grey level 196, whatever its content (`contrast` is PIL's op).
+
+  Args:
+    image: float32 [h, w, 3] in [0, 1].
+    factor: float >= 0.
+
+  Returns:
+    float32 [h, w, 3] in [0, 1].
+  """
+  h, w = _hw(image)
+  pixels = tf.cast(h, tf.float32) * tf.cast(w, tf.float32)
+  level = tf.floor(tf.minimum(pixels / 256., 255.))
+  return _blend(level / 255., image, factor)
 
 
 def brightness(image: tf.Tensor, factor) -> tf.Tensor:
@@ -997,11 +1019,14 @@ def random_gaussian_blur(image: tf.Tensor, seed: Seed = None,
 
 def batch_random_blur(images: tf.Tensor, blur_probability: float,
                       seed: Seed = None,
-                      radius: Optional[int] = None) -> tf.Tensor:
+                      radius: Optional[int] = None,
+                      sigma_per_image: bool = False) -> tf.Tensor:
   """Blurs each image of a batch with probability `blur_probability`.
 
   For `defer_blurring`: run inside the train step on the accelerator (compiles
-  with XLA), on all views. Each selected image gets its own sigma ~ U(0.1, 2.0).
+  with XLA), on all views. As the reference's `batch_random_blur`, one sigma
+  ~ U(0.1, 2.0) is drawn for the whole batch (the reference calls it on each
+  core's batch); with `sigma_per_image` each image draws its own.
 
   Args:
     images: float [n, h, w, c] (float32 / bfloat16 / float16), any value range
@@ -1009,6 +1034,7 @@ def batch_random_blur(images: tf.Tensor, blur_probability: float,
     blur_probability: Python float or scalar tensor in [0, 1].
     seed: Optional stateless seed.
     radius: see `gaussian_blur`; default from the static height.
+    sigma_per_image: one sigma per image instead of one per batch.
 
   Returns:
     Tensor of the shape and dtype of `images`; unselected images are returned
@@ -1019,7 +1045,10 @@ def batch_random_blur(images: tf.Tensor, blur_probability: float,
   radius = _static_radius(images, radius)
   sigma_seed, select_seed = split_seed(seed, 2)
   n = tf.shape(images)[0]
-  sigmas = _uniform([n], sigma_seed, 0.1, 2.0)
+  if sigma_per_image:
+    sigmas = _uniform([n], sigma_seed, 0.1, 2.0)
+  else:
+    sigmas = tf.fill([n], _uniform([], sigma_seed, 0.1, 2.0))
   blurred = _blur_batch(images, sigmas, radius)
   selected = (_uniform([n, 1, 1, 1], select_seed) <
               tf.cast(blur_probability, tf.float32))
@@ -1151,8 +1180,8 @@ def _enhance_factor(level: float) -> float:
 
 
 def _make_op(name: str, level: float, translate_const: float,
-             cutout_const: float, scale_to_image_size: bool = True
-             ) -> SeededOp:
+             cutout_const: float, scale_to_image_size: bool = True,
+             pil_contrast: bool = False) -> SeededOp:
   """The op `name` at `level` in [0, 10] as a function (image, seed) -> image.
 
   Level mapping of the Model Garden's `level_to_arg` (m = level / 10):
@@ -1162,6 +1191,8 @@ def _make_op(name: str, level: float, translate_const: float,
   factor 1.8 m + 0.1; Cutout half side int(m * cutout_const). Signs are random.
   The pixel constants are for 224-pixel images and, with
   `scale_to_image_size`, scale with min(h, w) / 224 (identical at 224).
+  Contrast is the reference library's (`reference_contrast`) unless
+  `pil_contrast` (`contrast`).
   """
   m = level / _MAX_LEVEL
 
@@ -1185,7 +1216,9 @@ def _make_op(name: str, level: float, translate_const: float,
       'Solarize': lambda im, s: solarize(im, int(m * 256) / 255.),
       'SolarizeAdd': lambda im, s: solarize_add(im, int(m * 110) / 255.),
       'Color': lambda im, s: color(im, _enhance_factor(level)),
-      'Contrast': lambda im, s: contrast(im, _enhance_factor(level)),
+      'Contrast': lambda im, s: (contrast if pil_contrast else
+                                 reference_contrast)(im,
+                                                     _enhance_factor(level)),
       'Brightness': lambda im, s: brightness(im, _enhance_factor(level)),
       'Sharpness': lambda im, s: sharpness(im, _enhance_factor(level)),
       'ShearX': lambda im, s: shear_x(im, _random_sign(m * 0.3, s)),
@@ -1204,7 +1237,8 @@ def apply_augment_op(image: tf.Tensor, name: str, level: float,
                      seed: Seed = None,
                      translate_const: float = RANDAUGMENT_TRANSLATE_CONST,
                      cutout_const: float = RANDAUGMENT_CUTOUT_CONST,
-                     scale_to_image_size: bool = True) -> tf.Tensor:
+                     scale_to_image_size: bool = True,
+                     pil_contrast: bool = False) -> tf.Tensor:
   """Applies one AutoAugment / RandAugment op by name at `level` in [0, 10].
 
   Args:
@@ -1215,19 +1249,21 @@ def apply_augment_op(image: tf.Tensor, name: str, level: float,
     translate_const: translation in pixels at level 10 (224-pixel images).
     cutout_const: cutout half side in pixels at level 10 (224-pixel images).
     scale_to_image_size: scale the pixel constants by min(h, w) / 224.
+    pil_contrast: Contrast as PIL instead of the reference library.
 
   Returns:
     float32 [h, w, 3] in [0, 1].
   """
   return _make_op(name, level, translate_const, cutout_const,
-                  scale_to_image_size)(image, seed)
+                  scale_to_image_size, pil_contrast)(image, seed)
 
 
 def autoaugment(image: tf.Tensor, seed: Seed = None,
                 policy=AUTOAUGMENT_IMAGENET_POLICY,
                 translate_const: float = AUTOAUGMENT_TRANSLATE_CONST,
                 cutout_const: float = AUTOAUGMENT_CUTOUT_CONST,
-                scale_to_image_size: bool = True) -> tf.Tensor:
+                scale_to_image_size: bool = True,
+                pil_contrast: bool = False) -> tf.Tensor:
   """AutoAugment (Cubuk et al. 2018): one random sub-policy of `policy`.
 
   Each sub-policy's ops run in order, each with its own probability, at the
@@ -1241,6 +1277,7 @@ def autoaugment(image: tf.Tensor, seed: Seed = None,
     translate_const: see `apply_augment_op` (AutoAugment: 250).
     cutout_const: see `apply_augment_op` (AutoAugment: 100).
     scale_to_image_size: see `apply_augment_op`.
+    pil_contrast: see `apply_augment_op`.
 
   Returns:
     float32 [h, w, 3] in [0, 1].
@@ -1257,7 +1294,7 @@ def autoaugment(image: tf.Tensor, seed: Seed = None,
     for (name, prob, level), op_seed, coin in zip(sub_policy, op_seeds,
                                                   coins):
       op = _make_op(name, level, translate_const, cutout_const,
-                    scale_to_image_size)
+                    scale_to_image_size, pil_contrast)
       im = _apply_if_coin(lambda x, op=op, s=op_seed: op(x, s), prob, im,
                           coin)
     return im
@@ -1271,7 +1308,8 @@ def randaugment(image: tf.Tensor, num_layers: int = RANDAUGMENT_NUM_LAYERS,
                 magnitude: float = 10., seed: Seed = None,
                 translate_const: float = RANDAUGMENT_TRANSLATE_CONST,
                 cutout_const: float = RANDAUGMENT_CUTOUT_CONST,
-                scale_to_image_size: bool = True) -> tf.Tensor:
+                scale_to_image_size: bool = True,
+                pil_contrast: bool = False) -> tf.Tensor:
   """RandAugment (Cubuk et al. 2019): `num_layers` random ops at `magnitude`.
 
   As the Model Garden: each layer draws an index uniformly from the 16 ops of
@@ -1285,12 +1323,14 @@ def randaugment(image: tf.Tensor, num_layers: int = RANDAUGMENT_NUM_LAYERS,
     translate_const: see `apply_augment_op` (RandAugment: 100).
     cutout_const: see `apply_augment_op` (RandAugment: 40).
     scale_to_image_size: see `apply_augment_op`.
+    pil_contrast: see `apply_augment_op`.
 
   Returns:
     float32 [h, w, 3] in [0, 1].
   """
   ops = [_make_op(name, magnitude, translate_const, cutout_const,
-                  scale_to_image_size) for name in RANDAUGMENT_OPS]
+                  scale_to_image_size, pil_contrast)
+         for name in RANDAUGMENT_OPS]
   # One split and one draw of all layers' op indices (see `_apply_if_coin`).
   select_seed, *op_seeds = split_seed(seed, 1 + num_layers)
   selectors = tf.unstack(_uniform([num_layers], select_seed))
@@ -1385,7 +1425,8 @@ def stacked_randaugment(image: tf.Tensor, strength: float = 0.5,
                         blur_probability: float = 0.5,
                         warp_probability: float = 0.,
                         use_pytorch_color_jitter: bool = False,
-                        seed: Seed = None) -> tf.Tensor:
+                        seed: Seed = None,
+                        pil_contrast: bool = False) -> tf.Tensor:
   """SimCLR colour jitter, then RandAugment, then the rest of SimCLR.
 
   As the reference: jitter (p = 0.8, strength = augmentation_magnitude),
@@ -1399,6 +1440,7 @@ def stacked_randaugment(image: tf.Tensor, strength: float = 0.5,
     warp_probability: probability of `warp`.
     use_pytorch_color_jitter: torchvision-style jitter.
     seed: Optional stateless seed.
+    pil_contrast: see `apply_augment_op`.
 
   Returns:
     float32 [h, w, 3] in [0, 1].
@@ -1406,7 +1448,8 @@ def stacked_randaugment(image: tf.Tensor, strength: float = 0.5,
   uniforms, (ra_seed, warp_seed) = _simclr_draw(seed, 2)
   image = _simclr_jitter(image, strength, use_pytorch_color_jitter, uniforms)
   image = randaugment(image, STACKED_RANDAUGMENT_NUM_LAYERS,
-                      STACKED_RANDAUGMENT_MAGNITUDE, seed=ra_seed)
+                      STACKED_RANDAUGMENT_MAGNITUDE, seed=ra_seed,
+                      pil_contrast=pil_contrast)
   return _simclr_tail(image, blur_probability, warp_probability, uniforms,
                       warp_seed)
 
@@ -1416,7 +1459,7 @@ def augment(image: tf.Tensor,
             magnitude: float = 0.5, blur_probability: float = 0.5,
             warp_probability: float = 0.,
             use_pytorch_color_jitter: bool = False,
-            seed: Seed = None) -> tf.Tensor:
+            seed: Seed = None, pil_contrast: bool = False) -> tf.Tensor:
   """Applies the policy `augmentation_type` (reference `_augment_image`).
 
   magnitude <= 0 turns every policy off (the reference returns the image).
@@ -1434,6 +1477,8 @@ def augment(image: tf.Tensor,
     warp_probability: warp probability.
     use_pytorch_color_jitter: torchvision-style jitter.
     seed: Optional stateless seed.
+    pil_contrast: the AutoAugment / RandAugment Contrast op as PIL instead
+      of the reference library (see `reference_contrast`).
 
   Returns:
     float32 [h, w, 3] in [0, 1].
@@ -1451,12 +1496,13 @@ def augment(image: tf.Tensor,
       enums.AugmentationType.SIMCLR:
           lambda im: simclr_augment(im, **simclr_kwargs),
       enums.AugmentationType.STACKED_RANDAUGMENT:
-          lambda im: stacked_randaugment(im, **simclr_kwargs),
+          lambda im: stacked_randaugment(im, pil_contrast=pil_contrast,
+                                         **simclr_kwargs),
       enums.AugmentationType.RANDAUGMENT:
           lambda im: randaugment(im, RANDAUGMENT_NUM_LAYERS, magnitude,
-                                 seed=seed),
+                                 seed=seed, pil_contrast=pil_contrast),
       enums.AugmentationType.AUTOAUGMENT:
-          lambda im: autoaugment(im, seed=seed),
+          lambda im: autoaugment(im, seed=seed, pil_contrast=pil_contrast),
       enums.AugmentationType.IDENTITY: lambda im: im,
   }
   if magnitude <= 0:
@@ -1522,7 +1568,7 @@ def preprocess_for_train(image: tf.Tensor, config, seed: Seed = None
       blur_probability=blur_probability,
       warp_probability=config.warp_probability,
       use_pytorch_color_jitter=config.use_pytorch_color_jitter,
-      seed=policy_seed)
+      seed=policy_seed, pil_contrast=getattr(config, 'pil_contrast', False))
   return tf.ensure_shape(tf.clip_by_value(image, 0., 1.), [size, size, 3])
 
 

@@ -77,6 +77,7 @@ def augmentation_grid(config: config_lib.ExperimentConfig, num_images: int = 4,
     if augment.should_defer_blur(config.augment):
       views = augment.batch_random_blur(
           views, config.augment.blur_probability,
+          sigma_per_image=config.augment.blur_sigma_per_image,
           seed=tf.random.experimental.stateless_fold_in(image_seed, -1))
     cells.extend(tf.unstack(views))
     row = []

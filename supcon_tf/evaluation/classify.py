@@ -26,7 +26,8 @@ class EvalError(errors.UserError, RuntimeError):
 
 def evaluate(config: config_lib.ExperimentConfig,
              strategy: tf.distribute.Strategy,
-             model: Optional[models.SupConModel] = None) -> Dict[str, Any]:
+             model: Optional[models.SupConModel] = None,
+             checkpoint: Optional[str] = None) -> Dict[str, Any]:
   """Top-1 / top-5 accuracy and cross-entropy on the eval split.
 
   Args:
@@ -34,6 +35,8 @@ def evaluate(config: config_lib.ExperimentConfig,
     strategy: the current strategy.
     model: the model to evaluate; default: the newest checkpoint of
       `config.runtime.model_dir`.
+    checkpoint: the checkpoint `model` holds, recorded with the results
+      (default: the newest of `config.runtime.model_dir`).
 
   Returns:
     {'top_1_accuracy', 'top_5_accuracy', 'cross_entropy_loss',
@@ -48,8 +51,9 @@ def evaluate(config: config_lib.ExperimentConfig,
       top_k=min(5, info.num_classes))
   if sums['count'] == 0:
     raise EvalError(f'The eval split of {info.name} is empty.')
-  checkpoint = checkpoints.latest_model_checkpoint(
-      config.runtime.model_dir) or ''
+  if checkpoint is None:
+    checkpoint = checkpoints.latest_model_checkpoint(
+        config.runtime.model_dir) or ''
   results = {
       'top_1_accuracy': sums['top_1'] / sums['count'],
       'top_5_accuracy': sums['top_k'] / sums['count'],

@@ -15,8 +15,10 @@
   the torchvision nets; ResNet-50/101/152 match them exactly.
 * Convolutions with stride > 1 pad explicitly by `kernel_size - 1` (more at the
   end) and use VALID padding, so the output does not depend on whether the
-  input side is even; stride-1 convolutions use SAME. No convolution has a
-  bias. Kernels are initialised with a fan-in truncated normal
+  input side is even; stride-1 convolutions use SAME, and so does the
+  grouped 3x3 of ResNeXt at any stride (the reference's GroupConv2D pads
+  'same', which for an even side puts the extra zero row at the end, not the
+  start). No convolution has a bias. Kernels are initialised with a fan-in truncated normal
   (`VarianceScaling(1.0, 'fan_in', 'truncated_normal')`).
 * Batch norm: momentum 0.9, epsilon 1e-5; the last batch norm of each residual
   branch of the basic and bottleneck blocks starts with gamma = 0, so every
@@ -122,9 +124,13 @@ class _Builder:
     self.dtype = dtype
 
   def conv(self, x, filters: int, kernel_size: int, strides: int, name: str,
-           groups: int = 1):
-    """Convolution with the reference's fixed padding; no bias."""
-    if strides > 1:
+           groups: int = 1, fixed_padding: bool = True):
+    """Convolution with the reference's padding; no bias.
+
+    `fixed_padding`: strided convolutions pad explicitly (the reference's
+    Conv2DFixedPadding); False: always SAME (its GroupConv2D).
+    """
+    if strides > 1 and fixed_padding:
       # Pad by kernel_size - 1 independently of the input size, then VALID:
       # the reference's Conv2DFixedPadding.
       pad_total = kernel_size - 1
@@ -189,7 +195,7 @@ class _Builder:
     x = self.conv(x, 2 * filters, 1, 1, name + '_conv1')
     x = self.relu(self.bn(x, name + '_bn1'), name + '_relu1')
     x = self.conv(x, 2 * filters, 3, strides, name + '_conv2',
-                  groups=RESNEXT_GROUPS)
+                  groups=RESNEXT_GROUPS, fixed_padding=False)
     x = self.relu(self.bn(x, name + '_bn2'), name + '_relu2')
     x = self.conv(x, 4 * filters, 1, 1, name + '_conv3')
     # The reference does not zero-initialise gamma in ResNeXt blocks.

@@ -73,7 +73,8 @@ class TrainStep:
     global_batch: images per step over all replicas (losses divide by it).
     num_classes: of the dataset.
     weight_decay_variables: the variables the L2 term covers.
-    defer_blur: blur the (multi-view) batch here rather than in tf.data.
+    defer_blur: blur the batch here rather than in tf.data (the reference
+      does so in every training step, whatever the stage and views).
     bn_training: run batch norm in training mode.
     check_gradients: report the gradient norm (non-finite detection).
   """
@@ -100,8 +101,10 @@ class TrainStep:
   def blur(self, images: tf.Tensor) -> tf.Tensor:
     """Deferred blur of [batch, views, h, w, c] images.
 
-    Stateless, keyed by (seed, step, replica): a resumed run blurs the same
-    images as an uninterrupted one, with no RNG state to save.
+    As the reference, all views of the replica's batch form one blur batch
+    with one sigma (`--blur_sigma_per_image`: one per image). Stateless, keyed
+    by (seed, step, replica): a resumed run blurs the same images as an
+    uninterrupted one, with no RNG state to save.
     """
     config = self.config
     seed = tf.constant([config.data.seed, BLUR_SALT], tf.int64)
@@ -112,8 +115,9 @@ class TrainStep:
         seed, tf.cast(distribute.replica_id(), tf.int64))
     shape = tf.shape(images)
     flat = tf.reshape(images, tf.concat([[-1], shape[2:]], axis=0))
-    flat = augment.batch_random_blur(flat, config.augment.blur_probability,
-                                     seed=seed)
+    flat = augment.batch_random_blur(
+        flat, config.augment.blur_probability, seed=seed,
+        sigma_per_image=config.augment.blur_sigma_per_image)
     return tf.reshape(flat, shape)
 
   def loss_terms(self, outputs: Dict[str, tf.Tensor], labels: tf.Tensor,

@@ -277,8 +277,9 @@ class Trainer:
         global_batch=self.plan.global_batch,
         num_classes=self.info.num_classes,
         weight_decay_variables=self.wd_vars,
-        defer_blur=(augment.should_defer_blur(config.augment) and
-                    self.plan.num_views > 1),
+        # As the reference: every training step blurs when deferred, also
+        # with one view (stage 2, cross-entropy runs).
+        defer_blur=augment.should_defer_blur(config.augment),
         # As the reference: a model warm-started from a reference checkpoint
         # runs batch norm in inference mode unless batch_norm_in_train_mode.
         bn_training=not (ws.reference_ckpt and
@@ -298,9 +299,13 @@ class Trainer:
                                           optimizer=self.optimizer)
     for name, trackable in self.extensions.checkpoint_objects().items():
       setattr(self.checkpoint, name, trackable)  # E.g. the momentum queue.
+    # As the reference's RunConfig: besides the newest max_to_keep, one
+    # checkpoint per keep_checkpoint_interval_secs is kept for good.
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, self.ckpt_dir,
-        max_to_keep=config.runtime.max_checkpoints_to_keep)
+        max_to_keep=config.runtime.max_checkpoints_to_keep,
+        keep_checkpoint_every_n_hours=(
+            config.runtime.keep_checkpoint_interval_secs / 3600.0 or None))
     self._loop_fn = None
     self._sync_fn = None
 
@@ -309,10 +314,12 @@ class Trainer:
   def _freeze_encoder_bn_stats(self):
     """`update_encoder_batch_norm=False`: batch statistics are still used for
     normalisation (training mode) but the moving averages stay put, as the
-    reference's empty update_ops do. Momentum 1 keeps moving = moving."""
+    reference's empty update_ops do. Those are every batch-norm update of
+    the model (the projection head's too), despite the name. Momentum 1
+    keeps moving = moving."""
     if self.stage.update_encoder_batch_norm:
       return
-    for layer in _bn_layers(self.model.encoder):
+    for layer in _bn_layers(self.model):
       layer.momentum = 1.0
 
   def make_iterator(self, start_step: int):
@@ -344,6 +351,9 @@ class Trainer:
 
     Resuming uses the newest readable checkpoint of the stage; unreadable
     newer ones are skipped with a warning (`checkpoints.restore_newest`).
+    A fresh stage 2 starts from stage 1's checkpoint in this model_dir when
+    there is one, else from --reference_ckpt (warm-starting only once, as
+    the reference); a fresh stage 1 from --reference_ckpt.
     """
     latest = checkpoints.restore_newest(self.chief_ckpt_dir,
                                         self._restore_checkpoint)
@@ -355,6 +365,19 @@ class Trainer:
             flush=True)
       return step
     ws = self.config.warm_start
+    if self.plan.index == 2:
+      # Stage 1 ran in this model_dir: continue from it. The reference warm
+      # starts once, before stage 1; what was warm-started (the classifier
+      # too, with warm_start_classifier) is in stage 1's checkpoint.
+      pretrained = checkpoints.restore_newest(
+          checkpoints.stage_dir(self.config.runtime.model_dir, 1),
+          lambda prefix: checkpoints.restore_parts(
+              self.model, prefix, encoder=True, projection_head=True,
+              classifier=bool(ws.reference_ckpt and
+                              ws.warm_start_classifier)))
+      if pretrained is not None:
+        print(f'[{self.plan.name}] encoder from {pretrained}', flush=True)
+        return 0
     if ws.reference_ckpt:
       path = checkpoints.resolve_checkpoint(ws.reference_ckpt)
       if path is None:
@@ -370,17 +393,10 @@ class Trainer:
           allow_missing=ws.ignore_missing_checkpoint_vars)
       print(f'[{self.plan.name}] warm-started from {path}', flush=True)
     elif self.plan.index == 2:
-      pretrained = checkpoints.restore_newest(
-          checkpoints.stage_dir(self.config.runtime.model_dir, 1),
-          lambda prefix: checkpoints.restore_parts(
-              self.model, prefix, encoder=True, projection_head=True,
-              classifier=False))
-      if pretrained is None:
-        raise TrainingError(
-            'The classifier stage needs a pretrained encoder: run '
-            '--mode=pretrain with the same --model_dir first, or pass '
-            '--reference_ckpt=DIR --warm_start_encoder.')
-      print(f'[{self.plan.name}] encoder from {pretrained}', flush=True)
+      raise TrainingError(
+          'The classifier stage needs a pretrained encoder: run '
+          '--mode=pretrain with the same --model_dir first, or pass '
+          '--reference_ckpt=DIR --warm_start_encoder.')
     return 0
 
   def _make_loop(self):
