@@ -116,6 +116,8 @@ class DataConfig:
   label_noise_prob: float = 0.0
   shard_per_host: bool = True
   seed: int = 0
+  # Class-balanced training batches: batch / M classes x M images (0 = off).
+  samples_per_class: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +185,15 @@ class AnalysisConfig:
   severities: Tuple[int, ...] = (1, 2, 3, 4, 5)
   corruption_dataset: str = ''  # Empty = <dataset>_corrupted.
   plot_max_points: int = 2000  # Test embeddings in the t-SNE plot.
+  # Stage-1 embedding monitor (evaluation/monitor.py): every E epochs, kNN
+  # top-1 and collapse indicators on fixed train / test subsets; 0 = off.
+  monitor_every_epochs: float = 0.0
+  monitor_bank_size: int = 2048  # First N train images: the kNN bank.
+  monitor_query_size: int = 512  # First N test images: the queries.
+  # --mode=eval_retrieval (evaluation/retrieval_eval.py).
+  retrieval_ks: Tuple[int, ...] = (1, 2, 4, 8)  # The k of recall@k.
+  retrieval_chunk_size: int = 1024  # Queries scored per block.
+  retrieval_max_neighbours: int = 1000  # Neighbours kept; R is capped at it.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +392,25 @@ def validate(config: ExperimentConfig) -> None:
          'severities', f'each must be in 1..5, got {an.severities}.')
   _check(an.plot_max_points >= 2, 'plot_max_points',
          f'must be >= 2, got {an.plot_max_points}.')
+  _check(d.samples_per_class == 0 or d.samples_per_class >= 2,
+         'samples_per_class',
+         f'must be 0 (off) or >= 2 (so every anchor has a same-class '
+         f'positive), got {d.samples_per_class}.')
+  _check(d.samples_per_class == 0 or d.batch_size % d.samples_per_class == 0,
+         'samples_per_class',
+         f'--batch_size ({d.batch_size}) must be a multiple of '
+         f'--samples_per_class ({d.samples_per_class}).')
+  _check(an.monitor_every_epochs >= 0, 'monitor_every_epochs',
+         f'must be >= 0 (0 = off), got {an.monitor_every_epochs}.')
+  for name in ('monitor_bank_size', 'monitor_query_size',
+               'retrieval_chunk_size', 'retrieval_max_neighbours'):
+    _check(getattr(an, name) >= 1, name,
+           f'must be >= 1, got {getattr(an, name)}.')
+  _check(len(an.retrieval_ks) > 0 and
+         all(1 <= k <= an.retrieval_max_neighbours for k in an.retrieval_ks),
+         'retrieval_ks',
+         f'each k must be in [1, --retrieval_max_neighbours = '
+         f'{an.retrieval_max_neighbours}], got {an.retrieval_ks}.')
   _validate_beyond_reference(config)
 
 
@@ -693,6 +723,25 @@ def define_flags(fv: Optional[flags.FlagValues] = None) -> None:
   d.integer('plot_max_points', _AN.plot_max_points,
             'plot_embeddings: test embeddings in the t-SNE plot and '
             'projector.')
+  # Class-balanced batches, training monitor, retrieval eval.
+  d.integer('samples_per_class', _D.samples_per_class,
+            'Class-balanced training batches: each global batch holds '
+            'batch_size / M classes with M images each (M >= 2; 0 = off, '
+            'plain shuffled batches).')
+  d.float('monitor_every_epochs', _AN.monitor_every_epochs,
+          'Stage 1: every E epochs, weighted kNN top-1 and collapse '
+          'indicators of the embedding on fixed train / test subsets, '
+          'printed and logged to TensorBoard; 0 = off.')
+  d.integer('monitor_bank_size', _AN.monitor_bank_size,
+            'Monitor: the first N training images form the kNN bank.')
+  d.integer('monitor_query_size', _AN.monitor_query_size,
+            'Monitor: the first N test images are the kNN queries.')
+  d.list('retrieval_ks', [str(k) for k in _AN.retrieval_ks],
+         'eval_retrieval: the k of recall@k.')
+  d.integer('retrieval_chunk_size', _AN.retrieval_chunk_size,
+            'eval_retrieval: queries scored per block (memory chunk x bank).')
+  d.integer('retrieval_max_neighbours', _AN.retrieval_max_neighbours,
+            'eval_retrieval: neighbours kept per query; R is capped at it.')
   d.bool('dry_run', False,
          'Print the resolved config as JSON and exit.')
 
@@ -775,7 +824,8 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
           data_dir=fv.data_dir, batch_size=fv.batch_size,
           eval_batch_size=fv.eval_batch_size, num_views=fv.num_views,
           num_images=fv.num_images, label_noise_prob=fv.label_noise_prob,
-          shard_per_host=fv.shard_per_host, seed=fv.seed),
+          shard_per_host=fv.shard_per_host, seed=fv.seed,
+          samples_per_class=fv.samples_per_class),
       augment=AugmentConfig(
           image_size=fv.image_size, augmentation_type=fv.augmentation_type,
           augmentation_magnitude=fv.augmentation_magnitude,
@@ -817,7 +867,13 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
           corruptions=tuple(c.strip() for c in fv.corruptions if c.strip()),
           severities=_int_list('severities', fv.severities),
           corruption_dataset=fv.corruption_dataset,
-          plot_max_points=fv.plot_max_points),
+          plot_max_points=fv.plot_max_points,
+          monitor_every_epochs=fv.monitor_every_epochs,
+          monitor_bank_size=fv.monitor_bank_size,
+          monitor_query_size=fv.monitor_query_size,
+          retrieval_ks=_int_list('retrieval_ks', fv.retrieval_ks),
+          retrieval_chunk_size=fv.retrieval_chunk_size,
+          retrieval_max_neighbours=fv.retrieval_max_neighbours),
   )
   validate(config)
   return config

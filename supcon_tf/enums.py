@@ -93,6 +93,7 @@ class Mode(enum.Enum):
   EVAL_KNN = 'eval_knn'  # Weighted kNN accuracy of the embedding.
   EVAL_CORRUPTIONS = 'eval_corruptions'  # ImageNet-C / CIFAR-10-C errors.
   PLOT_EMBEDDINGS = 'plot_embeddings'  # t-SNE plot and projector files.
+  EVAL_RETRIEVAL = 'eval_retrieval'  # Precision@1, MAP@R, recall@k, NMI.
 
 
 @enum.unique
