@@ -25,10 +25,11 @@ The embedding is the encoder's L2-normalised output (what the linear
 classifier and `eval_knn` read), not the projection the loss sees.
 
 Cost: one forward pass over bank + queries per call (the step function is
-traced once per monitor), the [queries, bank] similarities and a
-[queries, queries] float64 matrix; memory is bounded by the two sizes, not by
-the dataset. The trainer measures the time spent here and prints it at the
-end of the stage.
+traced once per monitor; the preprocessed subsets are cached in memory after
+the first call when they take at most 256 MB), the [queries, bank]
+similarities and a [queries, queries] float64 matrix; memory is bounded by the
+two sizes, not by the dataset. The trainer measures the time spent here and
+prints it at the end of the stage.
 
 Dependency direction: the trainer takes this as a plain callback
 (`trainer.Monitor`) from `modes.py`; training never imports evaluation.
@@ -52,6 +53,8 @@ from supcon_tf.training import checkpoints
 # The indicators of `embedding_stats.embedding_stats` the monitor reports.
 STATS = ('positive_cosine', 'negative_cosine', 'alignment', 'uniformity',
          'dimension_std_scaled')
+# Preprocessed subsets up to this size are cached between calls.
+_MAX_CACHE_BYTES = 256 << 20
 
 
 def subset_batches(config: config_lib.ExperimentConfig,
@@ -98,15 +101,28 @@ class EmbeddingMonitor:
     self.strategy = strategy
     self.info = datasets.get_dataset_info(config.data)
     self._runner: Optional[runner.Runner] = None
+    # (split, size, pipeline id) -> its subset's batches, built once.
+    self._datasets: Dict = {}
+
+  def _dataset_fn(self, training_split: bool, size: int) -> runner.DatasetFn:
+    image_size = self.config.augment.image_size
+    cache = size * image_size * image_size * 3 * 4 <= _MAX_CACHE_BYTES
+
+    def dataset_fn(ctx):
+      key = (training_split, size, ctx.input_pipeline_id if ctx else 0)
+      if key not in self._datasets:
+        ds = subset_batches(self.config, ctx, training_split, size)
+        self._datasets[key] = ds.cache() if cache else ds
+      return self._datasets[key]
+    return dataset_fn
 
   def embed(self, model: models.SupConModel, training_split: bool,
             size: int) -> Dict:
     """{'normalized_embedding': float32 [n, d], 'labels': int32 [n]}."""
     if self._runner is None or self._runner.model is not model:
       self._runner = runner.Runner(model, self.strategy)  # Traced once.
-    return self._runner.predict(
-        lambda ctx: subset_batches(self.config, ctx, training_split, size),
-        [models.NORMALIZED_EMBEDDING])
+    return self._runner.predict(self._dataset_fn(training_split, size),
+                                [models.NORMALIZED_EMBEDDING])
 
   def __call__(self, model: models.SupConModel,
                step: int) -> Dict[str, float]:
