@@ -45,4 +45,6 @@ for method in $methods; do
 done
 echo
 echo "=== Results on the digits test split (360 images) ==="
-.venv/bin/python -m supcon_tf.evaluation.report "${dirs[@]}"
+# Linear top-1, retrieval table, the monitor's kNN per epoch, and its curves.
+.venv/bin/python -m supcon_tf.evaluation.report --plot="$runs/monitor.png" \
+  "${dirs[@]}" 2> >(grep -v -E "$noise" >&2)
