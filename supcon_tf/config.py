@@ -367,6 +367,14 @@ class DataConfig:
       check=within(0, 1))
   shard_per_host: bool = flag_field(True, 'Shard the dataset between hosts.')
   seed: int = flag_field(0, 'Random seed.')
+  # Class-balanced training batches (data/samplers.py).
+  samples_per_class: int = flag_field(
+      0, 'Class-balanced training batches: each global batch holds '
+      'batch_size / M classes with M images each (M >= 2; 0 = off, plain '
+      'shuffled batches).',
+      check=lambda v: None if v == 0 or v >= 2 else (
+          f'must be 0 (off) or >= 2 (so every anchor has a same-class '
+          f'positive), got {v}.'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -514,6 +522,26 @@ class AnalysisConfig:
   plot_max_points: int = flag_field(
       2000, 'plot_embeddings: test embeddings in the t-SNE plot and '
       'projector.', check=at_least(2))
+  # Stage-1 embedding monitor (evaluation/monitor.py).
+  monitor_every_epochs: float = flag_field(
+      0.0, 'Stage 1: every E epochs, weighted kNN top-1 and collapse '
+      'indicators of the embedding on fixed train / test subsets, printed '
+      'and logged to TensorBoard; 0 = off.', check=at_least(0))
+  monitor_bank_size: int = flag_field(
+      2048, 'Monitor: the first N training images form the kNN bank.',
+      check=at_least(1))
+  monitor_query_size: int = flag_field(
+      512, 'Monitor: the first N test images are the kNN queries.',
+      check=at_least(1))
+  # --mode=eval_retrieval (evaluation/retrieval_eval.py).
+  retrieval_ks: Tuple[int, ...] = flag_field(
+      (1, 2, 4, 8), 'eval_retrieval: the k of recall@k.')
+  retrieval_chunk_size: int = flag_field(
+      1024, 'eval_retrieval: queries scored per block (memory chunk x '
+      'bank).', check=at_least(1))
+  retrieval_max_neighbours: int = flag_field(
+      1000, 'eval_retrieval: neighbours kept per query; R is capped at it.',
+      check=at_least(1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -764,6 +792,16 @@ def validate(config: ExperimentConfig) -> None:
            f'{stage.warmup_epochs:g} must be < --stage_{i}_epochs '
            f'({stage.epochs:g}): lower --stage_{i}_warmup_epochs (e.g. '
            f'--stage_{i}_warmup_epochs=0) or raise --stage_{i}_epochs.')
+  _check(d.samples_per_class == 0 or d.batch_size % d.samples_per_class == 0,
+         'samples_per_class',
+         f'--batch_size ({d.batch_size}) must be a multiple of '
+         f'--samples_per_class ({d.samples_per_class}).')
+  an = config.analysis
+  _check(len(an.retrieval_ks) > 0 and
+         all(1 <= k <= an.retrieval_max_neighbours for k in an.retrieval_ks),
+         'retrieval_ks',
+         f'each k must be in [1, --retrieval_max_neighbours = '
+         f'{an.retrieval_max_neighbours}], got {an.retrieval_ks}.')
   _validate_beyond_reference(config)
 
 

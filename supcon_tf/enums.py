@@ -96,6 +96,7 @@ class Mode(enum.Enum):
   # The reference's eval job: evaluate and export each new checkpoint of
   # model_dir until the one at the last train step.
   CONTINUOUS_EVAL = 'continuous_eval'
+  EVAL_RETRIEVAL = 'eval_retrieval'  # Precision@1, MAP@R, recall@k, NMI.
 
 
 @enum.unique

@@ -17,8 +17,21 @@ from supcon_tf.training import trainer
 Handler = Callable[[config_lib.ExperimentConfig, Any], Any]
 
 
+def stage_1_monitor(config, strategy):
+  """The embedding monitor of stage 1, or None (`--monitor_every_epochs`).
+
+  Built here so that training takes it as a callback and never imports
+  evaluation (which imports training).
+  """
+  if config.analysis.monitor_every_epochs <= 0:
+    return None
+  from supcon_tf.evaluation import monitor  # pylint: disable=g-import-not-at-top
+  return monitor.EmbeddingMonitor(config, strategy)
+
+
 def run_pretrain(config, strategy):
-  return trainer.train_stage(config, strategy, 1)
+  return trainer.train_stage(config, strategy, 1,
+                             stage_1_monitor(config, strategy))
 
 
 def run_classifier(config, strategy):
@@ -26,7 +39,8 @@ def run_classifier(config, strategy):
 
 
 def run_train(config, strategy):
-  return {'pretrain': trainer.train_stage(config, strategy, 1),
+  return {'pretrain': trainer.train_stage(config, strategy, 1,
+                                          stage_1_monitor(config, strategy)),
           'classifier': trainer.train_stage(config, strategy, 2)}
 
 
@@ -77,6 +91,11 @@ def run_plot_embeddings(config, strategy):
   return plots.run_plot_embeddings(config, strategy)
 
 
+def run_eval_retrieval(config, strategy):
+  from supcon_tf.evaluation import retrieval_eval  # pylint: disable=g-import-not-at-top
+  return retrieval_eval.run_eval_retrieval(config, strategy)
+
+
 MODE_HANDLERS: Dict[enums.Mode, Handler] = {
     enums.Mode.PRETRAIN: run_pretrain,
     enums.Mode.CLASSIFIER: run_classifier,
@@ -89,4 +108,5 @@ MODE_HANDLERS: Dict[enums.Mode, Handler] = {
     enums.Mode.EVAL_CORRUPTIONS: run_eval_corruptions,
     enums.Mode.PLOT_EMBEDDINGS: run_plot_embeddings,
     enums.Mode.CONTINUOUS_EVAL: run_continuous_eval,
+    enums.Mode.EVAL_RETRIEVAL: run_eval_retrieval,
 }

@@ -8,6 +8,7 @@ from supcon_tf import config as config_lib
 from supcon_tf import enums
 from supcon_tf.data import datasets
 from supcon_tf.data import pipeline
+from supcon_tf.data import samplers
 from tests import conftest
 from tests import data_testing
 
@@ -186,3 +187,82 @@ def test_epochs_run_in_order_and_end_on_an_empty_source():
   # _MAX_EPOCHS empty epochs inside one GetNext (a hang, see _epochs).
   empty = pipeline._epochs(0, lambda e: source.take(0), source.take(0))  # pylint: disable=protected-access
   assert list(empty) == []
+
+
+def _balanced_steps(config, steps, start_step=0, num_pipelines=1,
+                    replicas=1):
+  """[steps] global (images, labels) of the balanced stream, all pipelines.
+
+  Each pipeline yields per-replica batches; its `replicas / num_pipelines`
+  consecutive batches of one step are its slice of that step's global batch.
+  """
+  per_pipeline = replicas // num_pipelines
+  streams = []
+  for i in range(num_pipelines):
+    ctx = tf.distribute.InputContext(num_input_pipelines=num_pipelines,
+                                     input_pipeline_id=i,
+                                     num_replicas_in_sync=replicas)
+    ds = pipeline.build_dataset(config, ctx, True, start_step=start_step)
+    streams.append(list(ds.take(steps * per_pipeline).as_numpy_iterator()))
+  out = []
+  for s in range(steps):
+    parts = [b for stream in streams
+             for b in stream[s * per_pipeline:(s + 1) * per_pipeline]]
+    out.append((np.concatenate([p[0] for p in parts]),
+                np.concatenate([p[1] for p in parts])))
+  return out
+
+
+def test_balanced_batches_through_the_pipeline():
+  # 12 images: 4 classes x M = 3 per global batch, on 2 hosts x 2 replicas
+  # (3 images per replica), with label noise (the sampler balances the
+  # labels the loss sees).
+  config = _config(data__batch_size=12, data__samples_per_class=3,
+                   data__label_noise_prob=0.3, augment__image_size=8)
+  steps = _balanced_steps(config, 4, num_pipelines=2, replicas=4)
+  images, labels = pipeline.random_access_split(
+      config.data, datasets.get_dataset_info(config.data))
+  assert images.shape[0] == 1437
+  noisy = labels.numpy()
+  clean = datasets._digits_arrays()['train'][1]  # pylint: disable=protected-access
+  assert (noisy != clean).any()  # Label noise is applied, as in training.
+  for batch_images, batch_labels in steps:
+    assert batch_images.shape == (12, 2, 8, 8, 3)
+    groups = batch_labels.reshape(4, 3)
+    assert (groups == groups[:, :1]).all()  # Exactly M per class...
+    assert len(set(groups[:, 0])) == 4  # ...of 4 distinct classes.
+  # Steps differ, and equal samplers.balanced_indices of (seed, step).
+  assert len({tuple(l) for _, l in steps}) == 4
+  for s, (_, batch_labels) in enumerate(steps):
+    idx = samplers.balanced_indices(noisy, 12, 3, config.data.seed, s)
+    np.testing.assert_array_equal(batch_labels, noisy[idx.numpy()])
+  # Resume at step 2: the same images and augmentations as steps 2 and 3.
+  resumed = _balanced_steps(config, 2, start_step=2, num_pipelines=2,
+                            replicas=4)
+  for (a_images, a_labels), (b_images, b_labels) in zip(steps[2:], resumed):
+    np.testing.assert_array_equal(a_labels, b_labels)
+    np.testing.assert_array_equal(a_images, b_images)
+  # The same stream on one host with one replica.
+  single = _balanced_steps(config, 2)
+  for (a_images, a_labels), (b_images, b_labels) in zip(steps, single):
+    np.testing.assert_array_equal(a_labels, b_labels)
+
+
+def test_balanced_batches_need_enough_classes_and_random_access(
+    tmp_path, monkeypatch):
+  with pytest.raises(config_lib.ConfigError, match='samples_per_class'):
+    # 12 classes per batch, digits has 10.
+    pipeline.build_dataset(_config(data__batch_size=24,
+                                   data__samples_per_class=2), None, True)
+  with pytest.raises(config_lib.ConfigError, match='multiple of'):
+    _config(data__batch_size=10, data__samples_per_class=3)
+  data_testing.write_tfds_dataset(str(tmp_path), 'supcon_tiny',
+                                  {'train': 20, 'test': 4}, num_classes=4)
+  big = _config(data__dataset='supcon_tiny', data__data_dir=str(tmp_path),
+                data__samples_per_class=2)
+  # Small enough: works on tfds data too.
+  _, labels = _first(pipeline.build_dataset(big, None, True))
+  assert (labels.reshape(4, 2) == labels.reshape(4, 2)[:, :1]).all()
+  monkeypatch.setattr(pipeline, '_MAX_CACHE_BYTES', 10)  # "ImageNet".
+  with pytest.raises(datasets.DatasetError, match='random access'):
+    pipeline.build_dataset(big, None, True)

@@ -12,6 +12,13 @@ repeat with a shuffle seeded per epoch -> skip to `start_step` (resume) ->
 `num_views` independently augmented views of each image -> whiten -> cast ->
 batch (drop_remainder, static shapes for TPU/XLA) -> prefetch.
 
+Class-balanced training (`--samples_per_class=M`, `samplers.py`): the whole
+train split (the `num_images` cap and label noise applied, as in the plain
+stream) is held in memory for random access; the stateless index stream of
+`samplers.balanced_index_dataset` (this host's slice of each global batch,
+from `start_step`) replaces the shuffled stream and is mapped to its
+examples, then augmented and batched as above.
+
 Eval: shard -> one eval-preprocessed view -> whiten -> cast -> batch, keeping
 the last partial batch so that every eval example is scored exactly once (the
 reference drops it instead). The batch dimension is therefore not static in
@@ -27,11 +34,13 @@ reference's un-whitened images are in [-1, 1] instead of our [0, 1].
 
 from typing import Optional, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 from supcon_tf import config as config_lib
 from supcon_tf.data import augment
 from supcon_tf.data import datasets
+from supcon_tf.data import samplers
 
 # Decoded datasets up to this size are cached in memory after the first epoch
 # (CIFAR: 150 MB), which removes tfds reading and decoding from later epochs.
@@ -197,6 +206,68 @@ def _should_cache(info: datasets.DatasetInfo, num_examples: int) -> bool:
   return num_examples * height * width * channels <= _MAX_CACHE_BYTES
 
 
+def random_access_split(data_config: config_lib.DataConfig,
+                        info: datasets.DatasetInfo
+                        ) -> Tuple[tf.Tensor, tf.Tensor]:
+  """The whole training split in memory, for samplers that pick by index.
+
+  The split is read as training reads it (the `num_images` cap, label noise)
+  by every host, unsharded, so an index means the same example everywhere.
+
+  Returns:
+    (uint8 [N, h, w, 3] images, int32 [N] labels), N = info.num_train_examples.
+
+  Raises:
+    datasets.DatasetError: the images vary in size or the decoded split is
+      larger than the in-memory limit (2 GiB).
+  """
+  if not _should_cache(info, info.num_train_examples):
+    raise datasets.DatasetError(
+        f'--samples_per_class needs random access to the training split of '
+        f'{info.name}: supported are datasets with fixed-size images whose '
+        f'decoded train split fits in {_MAX_CACHE_BYTES >> 30} GiB (digits, '
+        'CIFAR, ...), held in memory. Pass --samples_per_class=0 (plain '
+        'shuffled batches), or --num_images to train on a subset.')
+  images, labels = [], []
+  examples = datasets.load_split(data_config, True, None).batch(4096)
+  for image_batch, label_batch in examples.as_numpy_iterator():
+    images.append(image_batch)
+    labels.append(label_batch)
+  return (tf.constant(np.concatenate(images, axis=0)),
+          tf.constant(np.concatenate(labels, axis=0), tf.int32))
+
+
+def _balanced_examples(data_config: config_lib.DataConfig,
+                       info: datasets.DatasetInfo,
+                       input_context: Optional[tf.distribute.InputContext],
+                       start_step: int) -> Tuple[tf.data.Dataset, int]:
+  """The class-balanced training stream (see `samplers.py`).
+
+  Returns:
+    (infinite dataset of (uint8 image, int32 label): this pipeline's slice
+    of the global balanced batch of step `start_step`, then of the next
+    step, ...; the stream position of its first element).
+
+  Raises:
+    datasets.DatasetError: no random access (see `random_access_split`).
+    config_lib.ConfigError: batch size, M and the classes do not fit.
+  """
+  num_pipelines = input_context.num_input_pipelines if input_context else 1
+  pipeline_id = input_context.input_pipeline_id if input_context else 0
+  images, labels = random_access_split(data_config, info)
+  try:
+    indices = samplers.balanced_index_dataset(
+        labels.numpy(), data_config.batch_size, data_config.samples_per_class,
+        data_config.seed, start_step, num_pipelines, pipeline_id)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from e
+  per_pipeline = data_config.batch_size // num_pipelines
+  examples = indices.unbatch().map(
+      lambda i: (tf.gather(images, i), tf.gather(labels, i)),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return examples, int(start_step) * per_pipeline
+
+
 def build_dataset(
     config: config_lib.ExperimentConfig,
     input_context: Optional[tf.distribute.InputContext] = None,
@@ -277,6 +348,10 @@ def build_dataset(
     ds = _epochs(first_epoch, one_epoch, source)
     if offset:
       ds = ds.skip(offset)
+    if data_config.samples_per_class > 0:
+      # Replaces the (lazy, never read) shuffled stream above.
+      ds, start = _balanced_examples(data_config, info, input_context,
+                                     start_step)
     # A running example counter keys the stateless augmentation seeds, so the
     # views are a function of (seed, host, position in the stream), whatever
     # the map parallelism.

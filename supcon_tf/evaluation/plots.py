@@ -274,7 +274,8 @@ def save_scatter(points: np.ndarray, labels: np.ndarray,
 def save_curves(curves: Mapping[str, Mapping[str, Tuple[np.ndarray,
                                                           np.ndarray]]],
                 path: str, metrics: Sequence[str] = CURVE_METRICS,
-                use_matplotlib: Optional[bool] = None) -> str:
+                use_matplotlib: Optional[bool] = None,
+                xlabel: str = 'step') -> str:
   """Training-curve PNG: one panel per metric, one line per stage."""
   if use_matplotlib is None:
     use_matplotlib = matplotlib_available()
@@ -293,7 +294,7 @@ def save_curves(curves: Mapping[str, Mapping[str, Tuple[np.ndarray,
         ax.plot(steps, values, color=colours[i], label=stage,
                 marker='.' if len(steps) < 20 else None)
     ax.set_title(metric)
-    ax.set_xlabel('step')
+    ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
     if ax.lines:
       ax.legend(fontsize=8)

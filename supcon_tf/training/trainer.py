@@ -14,6 +14,19 @@ global batch, weight decay, gradients, apply); `steps_per_loop` steps run in
 one `tf.function` call; checkpoints, summaries and progress live in the host
 loop.
 
+Monitor (`--monitor_every_epochs=E`): the host loop ends a chunk at every E-th
+epoch boundary (and at the last step) and calls `monitor(model, step)`, a
+callback given by the caller (`modes.py` passes
+`evaluation.monitor.EmbeddingMonitor`; training never imports evaluation,
+which imports training). Its float results are printed on their own line,
+their kNN accuracies on the progress line, and all are written to
+TensorBoard as `monitor/<name>` next to the training scalars.
+
+The progress line shows what the stage trains: the classification head's
+`cross_entropy_loss` and `top_1_accuracy` only when its loss weight is
+non-zero (in SupCon pretraining the stop-gradient head is untrained and
+those numbers mean nothing); TensorBoard still gets them.
+
 Failure behaviour (docs/failure_behaviour.md):
 * SIGTERM (preemption): the host loop finishes the current chunk of
   `steps_per_loop` steps, saves a checkpoint and raises `Preempted`; `main`
@@ -35,7 +48,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 from absl import logging
 import keras
@@ -55,6 +68,12 @@ from supcon_tf.data import datasets
 from supcon_tf.data import pipeline
 
 STAGE_DIRS = checkpoints.STAGE_DIRS
+
+# `monitor(model, step) -> {name: float}`, called at epoch boundaries.
+Monitor = Callable[[models.SupConModel, int], Dict[str, float]]
+# Terms of the classification head, hidden from the progress line when its
+# loss weight is 0 (`step.TrainStep.loss_terms`).
+CLASSIFIER_TERMS = ('cross_entropy_loss', 'top_1_accuracy')
 
 # Exit status of `main` after a SIGTERM stopped training with a checkpoint
 # saved (EX_TEMPFAIL: "try again later"); rerunning the same command resumes.
@@ -191,6 +210,7 @@ class _Progress:
     self.tty = sys.stdout.isatty()
 
   def update(self, step: int, metrics: Dict[str, float], lr: float):
+    """Shows `metrics` (the caller picks which) at `step`."""
     elapsed = time.time() - self.t0
     rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
     eta = (self.total - step) / rate if rate > 0 else float('nan')
@@ -218,10 +238,14 @@ class Trainer:
     config: the experiment config.
     strategy: the tf.distribute strategy (built once, in main).
     index: 1 (pretrain) or 2 (classifier).
+    monitor: called as `monitor(model, step)` every
+      `--monitor_every_epochs` epochs and at the last step; returns float
+      scalars to print and log. None = no monitor.
   """
 
   def __init__(self, config: config_lib.ExperimentConfig,
-               strategy: tf.distribute.Strategy, index: int):
+               strategy: tf.distribute.Strategy, index: int,
+               monitor: Optional[Monitor] = None):
     config_lib.check_model_dir(config, TrainingError)
     self.config = config
     self.strategy = strategy
@@ -308,6 +332,10 @@ class Trainer:
             config.runtime.keep_checkpoint_interval_secs / 3600.0 or None))
     self._loop_fn = None
     self._sync_fn = None
+    every = config.analysis.monitor_every_epochs
+    self.monitor = monitor if every > 0 else None
+    self._monitor_interval = every * self.plan.steps_per_epoch  # In steps.
+    self.monitor_seconds = 0.0  # Spent in the monitor (the cost, measured).
 
   # --- set-up ---------------------------------------------------------------
 
@@ -432,6 +460,40 @@ class Trainer:
 
   # --- the host loop --------------------------------------------------------
 
+  def next_monitor_step(self, step: int) -> int:
+    """The first step > `step` that ends a monitored epoch (or the last)."""
+    if self.monitor is None:
+      return self.plan.total_steps + 1
+    interval = self._monitor_interval
+    # Epoch boundary k is at k * interval steps (fractional); the monitor
+    # runs after the first whole step past it. The epsilon keeps a boundary
+    # that is a whole step (up to rounding) on that step.
+    k = math.floor(step / interval + 1e-9) + 1
+    return min(max(step + 1, math.ceil(k * interval - 1e-9)),
+               self.plan.total_steps)
+
+  def _run_monitor(self, step: int, writer) -> Dict[str, float]:
+    """Runs the monitor at `step`; logs and prints its scalars."""
+    t0 = time.time()
+    scalars = self.monitor(self.model, step)
+    seconds = time.time() - t0
+    self.monitor_seconds += seconds
+    with writer.as_default(step=step):
+      for k, v in scalars.items():
+        tf.summary.scalar(f'monitor/{k}', v)
+    writer.flush()
+    if self.is_chief:
+      shown = ' '.join(f'{k}={v:.4f}' for k, v in scalars.items())
+      print(f'[{self.plan.name}] epoch {step / self.plan.steps_per_epoch:.1f}'
+            f' monitor: {shown} ({seconds:.1f} s)', flush=True)
+    return scalars
+
+  def progress_metrics(self, metrics: Dict[str, float]) -> Dict[str, float]:
+    """The terms the progress line shows: only what the stage trains."""
+    if self.step.loss_plan.trains_classifier:
+      return metrics
+    return {k: v for k, v in metrics.items() if k not in CLASSIFIER_TERMS}
+
   def _all_finite(self) -> bool:
     """Whether every model and optimizer variable is finite.
 
@@ -543,8 +605,11 @@ class Trainer:
             f'view(s), {self.strategy.num_replicas_in_sync} replica(s))',
             flush=True)
     metrics: Dict[str, float] = {}
+    monitored: Dict[str, float] = {}  # The monitor's last kNN accuracies.
+    next_monitor = self.next_monitor_step(step)
     last_save = first = step
     error = None
+    stage_start = time.time()
     with _StopSignal() as stop_signal:
       try:
         while step < plan.total_steps:
@@ -552,7 +617,8 @@ class Trainer:
                   runtime.summary_interval_steps -
                   step % runtime.summary_interval_steps,
                   runtime.save_interval_steps -
-                  step % runtime.save_interval_steps)
+                  step % runtime.save_interval_steps,
+                  next_monitor - step)
           first = step
           t0 = time.time()
           out = self._loop_fn(self.iterator, tf.constant(n, tf.int32))
@@ -577,8 +643,13 @@ class Trainer:
               step >= plan.total_steps or stopping):
             path = self._save(step)
             last_save = step
+          if step >= next_monitor and not stopping:
+            monitored = {k: v for k, v in self._run_monitor(
+                step, writer).items() if k.startswith('knn')}
+            next_monitor = self.next_monitor_step(step)
           if self.is_chief:
-            progress.update(step, metrics, lr)
+            progress.update(step, {**self.progress_metrics(metrics),
+                                   **monitored}, lr)
           if stopping:
             raise Preempted(plan.name, step, path)
       except tf.errors.OpError as e:
@@ -595,6 +666,12 @@ class Trainer:
       raise error
     if last_save != step:
       self._save(step)
+    if self.monitor is not None and self.is_chief:
+      total = time.time() - stage_start
+      print(f'[{plan.name}] monitor: {self.monitor_seconds:.1f} s of the '
+            f'stage\'s {total:.1f} s '
+            f'({100 * self.monitor_seconds / max(total, 1e-9):.1f}%)',
+            flush=True)
     if not self.is_chief:
       tf.io.gfile.rmtree(self.ckpt_dir)  # Scratch copies of the chief's.
     return metrics
@@ -602,8 +679,9 @@ class Trainer:
 
 def train_stage(config: config_lib.ExperimentConfig,
                 strategy: tf.distribute.Strategy,
-                index: int) -> Dict[str, float]:
-  """Trains stage `index` unless it has no steps."""
+                index: int,
+                monitor: Optional[Monitor] = None) -> Dict[str, float]:
+  """Trains stage `index` unless it has no steps (`Trainer` for monitor)."""
   config_lib.check_model_dir(config, TrainingError)
   stage = config.stage_1 if index == 1 else config.stage_2
   if stage.epochs <= 0:
@@ -614,4 +692,4 @@ def train_stage(config: config_lib.ExperimentConfig,
     checkpoints.write_config(config)
   else:
     checkpoints.check_config(config)  # Fail together with the chief.
-  return Trainer(config, strategy, index).train()
+  return Trainer(config, strategy, index, monitor).train()
