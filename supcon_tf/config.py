@@ -12,6 +12,7 @@ This module imports no TensorFlow.
 import dataclasses
 import enum
 import json
+import os
 from typing import Any, Dict, Optional, Tuple, Type
 
 from absl import flags
@@ -107,7 +108,8 @@ STAGE_2_DEFAULTS = dict(
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  dataset: str = 'imagenet2012'  # tfds name, or 'digits' (embedded).
+  # tfds name, 'digits' (embedded), 'folder:PATH' or 'npz:PATH'.
+  dataset: str = 'imagenet2012'
   data_dir: Optional[str] = None
   batch_size: int = 2048  # Global train batch (all replicas together).
   eval_batch_size: int = 128
@@ -116,6 +118,12 @@ class DataConfig:
   label_noise_prob: float = 0.0
   shard_per_host: bool = True
   seed: int = 0
+  # Own data (folder:PATH / npz:PATH) and tfds downloads.
+  # Share of each class held out as the eval split of folder / npz data
+  # without a test split (stratified, fixed by `seed`).
+  folder_test_fraction: float = 0.1
+  download: bool = True  # Download and prepare unprepared tfds datasets.
+  skip_corrupt_images: bool = False  # Leave unreadable folder images out.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,6 +340,12 @@ def validate(config: ExperimentConfig) -> None:
   _check(0.0 <= d.label_noise_prob <= 1.0, 'label_noise_prob',
          f'must be in [0, 1], got {d.label_noise_prob}.')
   _check(bool(d.dataset), 'dataset', 'must name a dataset.')
+  for prefix in ('folder:', 'npz:'):
+    _check(d.dataset != prefix, 'dataset',
+           f'{prefix} needs a path, e.g. --dataset={prefix}/data/my_images'
+           f'{".npz" if prefix == "npz:" else ""}.')
+  _check(0.0 < d.folder_test_fraction < 1.0, 'folder_test_fraction',
+         f'must be in (0, 1), got {d.folder_test_fraction}.')
   _check(a.image_size > 0, 'image_size', f'must be > 0, got {a.image_size}.')
   _check(a.augmentation_magnitude >= 0, 'augmentation_magnitude',
          f'must be >= 0, got {a.augmentation_magnitude}.')
@@ -584,8 +598,9 @@ def define_flags(fv: Optional[flags.FlagValues] = None) -> None:
             'RMSProp epsilon.')
   # Data.
   d.string('dataset', '',
-           'tfds image classification dataset name, or "digits" '
-           '(embedded, no download). Empty = --input_fn.')
+           'tfds image classification dataset name, "digits" (embedded, '
+           'no download), folder:PATH (PATH/<class>/<images>) or npz:PATH '
+           '(x_train, y_train[, x_test, y_test]). Empty = --input_fn.')
   d.string('input_fn', 'imagenet',
            'Reference alias of --dataset (imagenet, cifar10, ...).')
   d.string('data_dir', _D.data_dir, 'tfds data_dir.')
@@ -598,6 +613,16 @@ def define_flags(fv: Optional[flags.FlagValues] = None) -> None:
   d.bool('shard_per_host', _D.shard_per_host,
          'Shard the dataset between hosts.')
   d.integer('seed', _D.seed, 'Random seed.')
+  # Own data and tfds downloads.
+  d.float('folder_test_fraction', _D.folder_test_fraction,
+          'folder:/npz: datasets without a test split: share of each class '
+          'held out for eval (stratified, fixed by --seed).')
+  d.bool('download', _D.download,
+         'Download and prepare a tfds dataset that is not prepared in '
+         '--data_dir (as tfds.load); --nodownload for offline clusters.')
+  d.bool('skip_corrupt_images', _D.skip_corrupt_images,
+         'folder: datasets: decode every file once at start-up and leave '
+         'unreadable ones out (counted), instead of failing on them.')
   # Preprocessing.
   d.bool('allow_mixed_precision', _A.allow_mixed_precision,
          'bfloat16 (float16 on GPU) compute, float32 variables.')
@@ -614,7 +639,9 @@ def define_flags(fv: Optional[flags.FlagValues] = None) -> None:
   d.bool('use_pytorch_color_jitter', _A.use_pytorch_color_jitter,
          'torchvision-style colour jitter.')
   d.bool('apply_whitening', _A.apply_whitening,
-         'Per-dataset mean/std whitening where known.')
+         'Per-dataset mean/std whitening where known (folder:/npz: data: '
+         'computed from the training images, stored in model_dir).')
+  flags.DEFINE_alias('whiten', 'apply_whitening', flag_values=fv)
   d.list('crop_area_range', [str(x) for x in _A.crop_area_range],
          'Min,max fraction of the image area in a random crop.')
   d.enum('eval_crop_method', _A.eval_crop_method,
@@ -712,7 +739,18 @@ def _int_list(name: str, values) -> Tuple[int, ...]:
 
 
 def resolve_dataset(dataset: str, input_fn: str) -> str:
+  """The dataset name: aliases resolved, own-data paths made absolute.
+
+  `folder:PATH` / `npz:PATH` with a local relative PATH (or ~) become
+  absolute, so that config.json names the same data from any directory.
+  """
   name = dataset or input_fn
+  for prefix in ('folder:', 'npz:'):
+    if name.startswith(prefix) and len(name) > len(prefix):
+      path = name[len(prefix):]
+      if '://' not in path:
+        path = os.path.abspath(os.path.expanduser(path))
+      return prefix + path
   return DATASET_ALIASES.get(name, name)
 
 
@@ -775,7 +813,10 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
           data_dir=fv.data_dir, batch_size=fv.batch_size,
           eval_batch_size=fv.eval_batch_size, num_views=fv.num_views,
           num_images=fv.num_images, label_noise_prob=fv.label_noise_prob,
-          shard_per_host=fv.shard_per_host, seed=fv.seed),
+          shard_per_host=fv.shard_per_host, seed=fv.seed,
+          folder_test_fraction=fv.folder_test_fraction,
+          download=fv.download,
+          skip_corrupt_images=fv.skip_corrupt_images),
       augment=AugmentConfig(
           image_size=fv.image_size, augmentation_type=fv.augmentation_type,
           augmentation_magnitude=fv.augmentation_magnitude,

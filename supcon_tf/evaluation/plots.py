@@ -394,6 +394,9 @@ def write_projector(embeddings: np.ndarray, labels: np.ndarray,
 def class_names(data_config: config_lib.DataConfig,
                 info: datasets.DatasetInfo) -> List[str]:
   """Human-readable class names (tfds ClassLabel names), else the indices."""
+  if info.class_names is not None and len(info.class_names) == (
+      info.num_classes):
+    return list(info.class_names)
   if datasets.base_name(info.name) != datasets.DIGITS:
     try:
       source = datasets._tfds_source(info.name, data_config.data_dir)  # pylint: disable=protected-access
@@ -413,7 +416,8 @@ def plot_embeddings(config: config_lib.ExperimentConfig,
   model_dir = config.runtime.model_dir
   if not model_dir:
     raise ValueError('--model_dir is required for plot_embeddings.')
-  info = datasets.get_dataset_info(config.data)
+  info = datasets.get_dataset_info(
+      config.data, config.runtime.model_dir)
   if model is None:
     model = checkpoints.load_model_for_inference(config, info, strategy)
   max_points = config.analysis.plot_max_points
