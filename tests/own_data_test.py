@@ -332,16 +332,24 @@ def _with_corrupt_files(root):
   return bad
 
 
-def test_corrupt_image_is_named(tmp_path):
+@pytest.mark.parametrize('sample', [0, 1000])
+def test_corrupt_image_is_named(tmp_path, monkeypatch, sample):
+  # sample 0: no whitening pass, the training stream meets the bad files;
+  # 1000: the whitening statistics' pass at start-up does.
+  monkeypatch.setattr(datasets, 'WHITENING_SAMPLE', sample)
+  datasets._computed_whitening.cache_clear()  # pylint: disable=protected-access
   bad = _with_corrupt_files(str(tmp_path / 'data'))
   config = _own_config(tmp_path / 'run', f'folder:{tmp_path / "data"}',
-                       augment__apply_whitening=False)
+                       data__batch_size=16, runtime__max_train_steps=2)
   datasets._folder_source.cache_clear()  # pylint: disable=protected-access
   with pytest.raises(datasets.DatasetError) as e:
     _run(config, enums.Mode.PRETRAIN)
+  datasets._computed_whitening.cache_clear()  # pylint: disable=protected-access
   message = str(e.value)
   assert f'cannot decode image file {sorted(bad)[0]} and 1 more' in message
   assert '--skip_corrupt_images' in message and '\n' not in message
+  if not sample:
+    assert message.startswith('[pretrain] reading the training data failed')
 
 
 def test_skip_corrupt_images_counts_them(tmp_path, capsys):

@@ -785,7 +785,11 @@ def _computed_whitening(data_config: config_lib.DataConfig
   if data_config.num_images > 0:
     count = min(count, data_config.num_images)
   count = min(count, WHITENING_SAMPLE)
+  if count <= 0:
+    return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
   images, labels = source.train[0][:count], source.train[1][:count]
+  if source.kind == 'folder':
+    images = images.astype(str)  # object -> unicode: tf.string tensors.
   ds = tf.data.Dataset.from_tensor_slices((images, labels))
   ds = ds.map(_own_decode_fn(source), num_parallel_calls=tf.data.AUTOTUNE)
   try:
