@@ -187,6 +187,13 @@ def test_folder_with_train_and_val_subfolders(tmp_path):
   labels = [l for _, l in datasets.load_split(_folder(str(tmp_path)), False)
             .as_numpy_iterator()]
   assert labels == [1, 1, 2, 2]  # val/dog is class 1 as in train/.
+  # train/ alone is split like a plain tree.
+  os.rename(tmp_path / 'val', tmp_path / 'elsewhere')
+  datasets._folder_source.cache_clear()  # pylint: disable=protected-access
+  info = datasets.get_dataset_info(_folder(str(tmp_path)))
+  assert info.class_names == CLASSES
+  assert (info.num_train_examples, info.num_eval_examples) == (9, 3)
+  datasets._folder_source.cache_clear()  # pylint: disable=protected-access
 
 
 # -----------------------------------------------------------------------------

@@ -23,8 +23,9 @@ Datasets:
   (`PATH/<class>/**/<image>`, as Keras's `image_dataset_from_directory` and
   torchvision's `ImageFolder` read it). `PATH/train` + `PATH/test` (or `val`,
   `validation`) are the splits when both exist; otherwise a stratified split
-  fixed by `DataConfig.seed` holds out `folder_test_fraction` of each class.
-  Class names are the sorted folder names. Only the file list is held in
+  fixed by `DataConfig.seed` holds out `folder_test_fraction` of each class
+  (of `PATH/train` when only that exists). Class names are the sorted folder
+  names. Only the file list is held in
   memory; images are read and decoded in the tf.data pipeline (`decode` of
   `load_split_records`), in parallel, grey and RGBA becoming RGB.
 * `npz:PATH`: a NumPy archive with `x_train`, `y_train` (and optionally
@@ -572,10 +573,11 @@ def _folder_source(path: str, seed: int, test_fraction: float,
         'PATH/<class_name>/<images> tree (use npz:PATH for a NumPy archive).')
   train_root, test_root = path, None
   if tf.io.gfile.isdir(os.path.join(path, 'train')):
+    # PATH/train alone is split like PATH (not taken as a class 'train').
+    train_root = os.path.join(path, 'train')
     for name in EVAL_FOLDER_NAMES:
       if tf.io.gfile.isdir(os.path.join(path, name)):
-        train_root, test_root = (os.path.join(path, 'train'),
-                                 os.path.join(path, name))
+        test_root = os.path.join(path, name)
         break
   class_names = _class_folders(train_root, what)
   if len(class_names) < 2:
