@@ -247,11 +247,10 @@ def build_dataset(
 
   ds, decode = datasets.load_split_records(data_config, training,
                                            input_context)
+  records_are_paths = decode is not None
   if decode is None:
-    decode = lambda image, label: (image, label)  # pylint: disable=unnecessary-lambda-assignment
-    records_are_paths = False
-  else:
-    records_are_paths = True
+    def decode(image, label):
+      return image, label
   source = ds
   num_local = int(ds.cardinality())
   if num_local < 0:  # Unknown cardinality: assume the whole split.
