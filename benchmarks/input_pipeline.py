@@ -29,6 +29,15 @@ other processes on a shared machine hits all configurations alike:
 3. Deferred blur: `augment.batch_random_blur` on a batch of views in the
    train step (tf.function, XLA) against blurring each view in the pipeline
    (sequential map, as in table 2).
+4. Image folders (`--dataset=folder:PATH`): `build_dataset` reading a
+   class-per-subfolder tree of JPEG files (read + decode + 2 SimCLR views,
+   batched), against `keras.utils.image_dataset_from_directory` (its own
+   parallel read, decode and resize to S x S) followed by the same two
+   SimCLR views per image (`pipeline.train_views`, whitened with the same
+   constants) in a parallel map. The
+   files are written once to a temporary folder: digits, coloured with
+   noise, saved as S x S JPEGs for 32 px and 256 x 256 JPEGs (decoded, then
+   cropped to 224) for 224 px, as CIFAR and ImageNet are fed.
 
 Throughput is reported as images per CPU-second (the process's CPU time, all
 threads): on a machine shared with other jobs this is far steadier than
@@ -51,6 +60,7 @@ import importlib.util
 import os
 import statistics
 import sys
+import tempfile
 import time
 import types
 from typing import Callable, Dict, List, Optional, Tuple
@@ -360,6 +370,88 @@ def blur_candidates(sizes: List[int], batch: int) -> List[Candidate]:
 
 
 # -----------------------------------------------------------------------------
+# Table 4: image folders, ours against Keras's image_dataset_from_directory.
+
+FOLDER_CLASSES = 10
+
+
+def write_jpeg_folder(root: str, size: int, count: int) -> str:
+  """`count` size x size JPEGs in FOLDER_CLASSES class folders under root."""
+  images, labels = datasets._digits_arrays()['train']  # pylint: disable=protected-access
+  rng = np.random.RandomState(size)
+  for i in range(count):
+    label = int(labels[i % len(labels)])
+    folder = os.path.join(root, f'class_{label % FOLDER_CLASSES}')
+    os.makedirs(folder, exist_ok=True)
+    image = tf.image.resize(
+        images[i % len(images)].astype(np.float32), [size, size]).numpy()
+    image = image * rng.uniform(0.3, 1.0, [1, 1, 3]) + rng.normal(
+        0, 12, image.shape)
+    encoded = tf.io.encode_jpeg(
+        np.clip(np.round(image), 0, 255).astype(np.uint8), quality=90)
+    tf.io.write_file(os.path.join(folder, f'{i:05d}.jpg'), encoded)
+  return root
+
+
+def folder_candidates(sizes: List[int], batch: int, count: int,
+                      tmp: str) -> List[Candidate]:
+  candidates = []
+  for size in sizes:
+    source_size = 32 if size <= 64 else 256
+    root = write_jpeg_folder(os.path.join(tmp, f'jpeg_{size}'), source_size,
+                             count)
+    config = config_lib.ExperimentConfig().replace(
+        data__dataset=f'folder:{root}', data__batch_size=batch,
+        data__num_views=2, augment__image_size=size,
+        augment__augmentation_type=A.SIMCLR,
+        augment__augmentation_magnitude=0.5)
+    candidates.append(Candidate(
+        ('folder', size, 'ours'), batch, _dataset_iterator(
+            lambda c=config: pipeline.build_dataset(c, None, training=True))))
+
+    def keras_folder(config=config, root=root, size=size):
+      ds = keras.utils.image_dataset_from_directory(
+          root, image_size=(size, size), batch_size=None, shuffle=True,
+          seed=0, verbose=False)
+      base = tf.constant([0, 4], tf.int64)
+      # The same whitening as ours, so both do the same work per image.
+      whitening = pipeline.whitening_constants(
+          datasets.get_dataset_info(config.data), config.augment)
+
+      def views(index, example):
+        image, label = example
+        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        views = pipeline.train_views(
+            image, config.augment, 2,
+            tf.random.experimental.stateless_fold_in(base, index))
+        return pipeline.finalize_images(views, whitening, tf.float32), label
+
+      ds = ds.repeat().enumerate().map(views,
+                                       num_parallel_calls=tf.data.AUTOTUNE)
+      return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    candidates.append(Candidate(('folder', size, 'keras'), batch,
+                                _dataset_iterator(keras_folder)))
+  return candidates
+
+
+def folder_table(results: Dict[Tuple, Candidate], sizes: List[int]) -> str:
+  header = ['px', 'source JPEG', 'ours img/s', 'keras img/s', 'ratio',
+            'ours img/CPU-s', 'keras img/CPU-s', 'ratio']
+  rows = []
+  for size in sizes:
+    ours, theirs = (results['folder', size, 'ours'],
+                    results['folder', size, 'keras'])
+    source = 32 if size <= 64 else 256
+    rows.append([str(size), f'{source}x{source}', f'{ours.wall_rate:.0f}',
+                 f'{theirs.wall_rate:.0f}',
+                 f'{ours.wall_rate / theirs.wall_rate:.2f}',
+                 f'{ours.cpu_rate:.0f}', f'{theirs.cpu_rate:.0f}',
+                 f'{ours.cpu_rate / theirs.cpu_rate:.2f}'])
+  return _report.format_table(header, rows)
+
+
+# -----------------------------------------------------------------------------
 # Tables.
 
 
@@ -423,7 +515,10 @@ def main():
                       help='Smaller batches, 2 rounds (about 2 minutes).')
   parser.add_argument('--sizes', type=int, nargs='+', default=[32, 224])
   parser.add_argument('--rounds', type=int, default=None)
-  parser.add_argument('--tables', default='pipeline,baselines,blur')
+  parser.add_argument('--tables', default='pipeline,baselines,blur,folder')
+  parser.add_argument('--folder_images', type=int, default=None,
+                      help='JPEG files per size in the folder table '
+                      '(default 512, 256 with --quick).')
   parser.add_argument('--out', default='benchmarks/results/input_pipeline.txt',
                       help="Where to save the tables; '' = do not save.")
   args = parser.parse_args()
@@ -437,7 +532,7 @@ def main():
 
   def items(c: Candidate) -> int:
     table, size = c.key[:2]
-    if table == 'pipeline':
+    if table in ('pipeline', 'folder'):
       # Several batches are computed in parallel (map_and_batch fusion):
       # after the warm-up the pipeline is in a steady state, and a window of
       # many batches keeps the in-flight ones a small share of it.
@@ -474,6 +569,19 @@ def main():
             'sigma ~ U(0.1, 2), radius = size // 20 (the reference); ratio '
             'over in-pipeline.',
             blur_table(results, args.sizes)]
+  if 'folder' in tables:
+    folder_batch = 32 if quick else 64
+    count = args.folder_images or (256 if quick else 512)
+    with tempfile.TemporaryDirectory() as tmp:
+      candidates = folder_candidates(args.sizes, folder_batch, count, tmp)
+      _run_rounds(candidates, rounds, 2 if quick else 3, items, 'folder')
+    results.update({c.key: c for c in candidates})
+    out += ['', f'4. Image folders ({count} JPEGs, {FOLDER_CLASSES} class '
+            'folders): read + decode + 2 SimCLR views, batch '
+            f'{folder_batch}; ours = build_dataset(folder:PATH), keras = '
+            'image_dataset_from_directory + the same views; ratio > 1: ours '
+            'is faster.',
+            folder_table(results, args.sizes)]
   header = (
       f'# benchmarks/input_pipeline.py {"--quick" if quick else ""}: median '
       f'of {rounds} interleaved rounds, {time.perf_counter() - start:.0f} s\n'

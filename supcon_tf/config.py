@@ -25,6 +25,7 @@ This module imports no TensorFlow.
 import dataclasses
 import enum
 import json
+import os
 import typing
 from typing import Any, Callable, Dict, Optional, Tuple, Type
 
@@ -158,8 +159,14 @@ def _corruption_names(v) -> Optional[str]:
           else None)
 
 
-def _non_empty(v) -> Optional[str]:
-  return None if v else 'must name a dataset.'
+def _dataset_check(v) -> Optional[str]:
+  if not v:
+    return 'must name a dataset.'
+  for prefix in ('folder:', 'npz:'):
+    if v == prefix:
+      example = '/data/my_images' + ('.npz' if prefix == 'npz:' else '')
+      return f'{prefix} needs a path, e.g. --dataset={prefix}{example}.'
+  return None
 
 
 def _number_list(kind: type, what: str) -> Parse:
@@ -183,7 +190,18 @@ def str_list(values, flag: str, fv=None) -> Tuple[str, ...]:
 
 
 def resolve_dataset(dataset: str, input_fn: str) -> str:
+  """The dataset name: aliases resolved, own-data paths made absolute.
+
+  `folder:PATH` / `npz:PATH` with a local relative PATH (or ~) become
+  absolute, so that config.json names the same data from any directory.
+  """
   name = dataset or input_fn
+  for prefix in ('folder:', 'npz:'):
+    if name.startswith(prefix) and len(name) > len(prefix):
+      path = name[len(prefix):]
+      if '://' not in path:
+        path = os.path.abspath(os.path.expanduser(path))
+      return prefix + path
   return DATASET_ALIASES.get(name, name)
 
 
@@ -347,9 +365,10 @@ STAGE_2_DEFAULTS = dict(
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   dataset: str = flag_field(
-      'imagenet2012', 'tfds image classification dataset name, or "digits" '
-      '(embedded, no download). Empty = --input_fn.', flag_default='',
-      parse=_dataset_from_flags, check=_non_empty)
+      'imagenet2012', 'tfds image classification dataset name, "digits" '
+      '(embedded, no download), folder:PATH (PATH/<class>/<images>) or '
+      'npz:PATH (x_train, y_train[, x_test, y_test]). Empty = --input_fn.', flag_default='',
+      parse=_dataset_from_flags, check=_dataset_check)
   data_dir: Optional[str] = flag_field(None, 'tfds data_dir.')
   # Global batches (all replicas together); divisibility by the replicas is
   # checked where the strategy is known (data/pipeline.py).
@@ -375,6 +394,18 @@ class DataConfig:
       check=lambda v: None if v == 0 or v >= 2 else (
           f'must be 0 (off) or >= 2 (so every anchor has a same-class '
           f'positive), got {v}.'))
+  # Own data (folder:PATH / npz:PATH) and tfds downloads (data/datasets.py).
+  folder_test_fraction: float = flag_field(
+      0.1, 'folder:/npz: datasets without a test split: share of each class '
+      'held out for eval (stratified, fixed by --seed).',
+      check=lambda v: None if 0.0 < v < 1.0 else (
+          f'must be in (0, 1), got {v}.'))
+  download: bool = flag_field(
+      True, 'Download and prepare a tfds dataset that is not prepared in '
+      '--data_dir (as tfds.load); --nodownload for offline clusters.')
+  skip_corrupt_images: bool = flag_field(
+      False, 'folder: datasets: decode every file once at start-up and leave '
+      'unreadable ones out (counted), instead of failing on them.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,7 +425,8 @@ class AugmentConfig:
   use_pytorch_color_jitter: bool = flag_field(
       False, 'torchvision-style colour jitter.')
   apply_whitening: bool = flag_field(
-      True, 'Per-dataset mean/std whitening where known.')
+      True, 'Per-dataset mean/std whitening where known (folder:/npz: data: '
+      'computed from the training images, stored in model_dir).')
   crop_area_range: Tuple[float, float] = flag_field(
       (0.08, 1.0), 'Min,max fraction of the image area in a random crop.',
       check=_crop_range)
@@ -737,6 +769,7 @@ def define_flags(fv: Optional[flags.FlagValues] = None) -> None:
   flags.DEFINE_bool('dry_run', False,
                     'Print the resolved config as JSON and exit.',
                     flag_values=fv)
+  flags.DEFINE_alias('whiten', 'apply_whitening', flag_values=fv)
   flags.DEFINE_string('hparams', None,
                       'The reference\'s serialized hparams (e.g. "bs=1024,'
                       't=0.1,s1te=100"): reference defaults plus these values '

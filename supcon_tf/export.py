@@ -14,6 +14,11 @@ the network:
           embedding     float32 [batch, dim]  L2-normalised encoder output
           unnormalized_embedding float32 [batch, dim]
           projection    float32 [batch, projection_dim]
+          class_index   int32   [batch] argmax of the logits
+          class_name    string  [batch] its class name (the folder name for
+                        folder:PATH data; `model_dir/class_names.txt`, line
+                        i = class i), when the dataset has names (all but
+                        tfds datasets without ClassLabel names)
 
 A second signature, `logits_from_preprocessed` (`PREPROCESSED_SIGNATURE_KEY`),
 takes float32 images [batch, image_size, image_size, 3] preprocessed as the
@@ -81,6 +86,11 @@ def serving_fn(model: models.SupConModel,
   size = config.augment.image_size
   whitening = pipeline.whitening_constants(info, config.augment)
   dtype = pipeline.output_dtype(config)
+  # A constant of the graph: the SavedModel needs no asset file to name
+  # classes (a tf.lookup table would; a gather by index is all it takes).
+  names = (tf.constant(list(info.class_names), tf.string)
+           if info.class_names and len(info.class_names) == info.num_classes
+           else None)
 
   # Any rank in the signature, checked here: a loaded signature does not
   # check shapes, so a wrong rank or channel count would otherwise fail deep
@@ -104,13 +114,18 @@ def serving_fn(model: models.SupConModel,
     processed = pipeline.finalize_images(processed, whitening, dtype)
     outputs = model(processed, training=False)
     logits = outputs[models.LOGITS]
-    return {
+    result = {
         'logits': logits,
         'probabilities': tf.nn.softmax(logits, axis=-1),
         'embedding': outputs[models.NORMALIZED_EMBEDDING],
         'unnormalized_embedding': outputs[models.EMBEDDING],
         'projection': outputs[models.PROJECTION],
     }
+    index = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    result['class_index'] = index
+    if names is not None:
+      result['class_name'] = tf.gather(names, index)
+    return result
 
   return serve
 
@@ -154,7 +169,8 @@ def export_saved_model(config: config_lib.ExperimentConfig,
   """
   del strategy  # Serving graphs must not capture distributed variables.
   export_dir = check_export_dir(config, export_dir, overwrite)
-  info = datasets.get_dataset_info(config.data)
+  info = datasets.get_dataset_info(
+      config.data, config.runtime.model_dir)
   if model is None:
     model = checkpoints.load_model_for_inference(config, info)
   if tf.io.gfile.exists(export_dir) and tf.io.gfile.listdir(export_dir):
@@ -165,5 +181,8 @@ def export_saved_model(config: config_lib.ExperimentConfig,
   archive.add_endpoint(PREPROCESSED_SIGNATURE_KEY,
                        preprocessed_fn(model, config))
   archive.write_out(export_dir, verbose=False)
+  if config.runtime.model_dir:
+    datasets.save_run_files(info, config.runtime.model_dir,
+                            config.augment.apply_whitening)
   print(f'[export] SavedModel written to {export_dir}', flush=True)
   return export_dir

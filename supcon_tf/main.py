@@ -59,7 +59,16 @@ def run(config: config_lib.ExperimentConfig, strategy=None):
     r = config.runtime
     strategy = distribute.build_strategy(r.strategy, r.tpu, r.tpu_zone,
                                          r.gcp_project)
-  return _handlers()[config.runtime.mode](config, strategy)
+  try:
+    return _handlers()[config.runtime.mode](config, strategy)
+  except Exception as e:  # pylint: disable=broad-except
+    # An image of a folder dataset that does not decode surfaces as a bare
+    # TF error from whichever mode read it; name the file instead.
+    from supcon_tf.data import datasets  # pylint: disable=g-import-not-at-top
+    named = datasets.unreadable_images_error(config.data, e)
+    if named is None:
+      raise
+    raise named from e
 
 
 def main(argv):

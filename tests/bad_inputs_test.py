@@ -109,7 +109,7 @@ def test_dataset_not_prepared(tmp_path):
   with pytest.raises(datasets.DatasetError,
                      match=r"Dataset 'mnist' .* is not prepared in data_dir"):
     datasets.get_dataset_info(config_lib.DataConfig(
-        dataset='mnist', data_dir=str(tmp_path)))
+        dataset='mnist', data_dir=str(tmp_path), download=False))
 
 
 def _digits_info(**overrides):

@@ -279,9 +279,10 @@ def _raises_quickly(config, *patterns):
 
 
 def test_unprepared_tfds_dataset(tmp_path):
-  _raises_quickly(_data(dataset='cifar10', data_dir=str(tmp_path)),
+  _raises_quickly(_data(dataset='cifar10', data_dir=str(tmp_path),
+                        download=False),
                   'not prepared', 'tfds build cifar10', str(tmp_path),
-                  'digits')
+                  'digits', '--nodownload')
 
 
 def test_unprepared_imagenet_explains_manual_download(tmp_path):
@@ -303,6 +304,6 @@ def test_other_version_prepared_is_listed(tmp_path):
   version = str(tfds.builder('cifar10', data_dir=str(tmp_path)).version)
   tf.io.gfile.rename(str(tmp_path / 'cifar10' / version),
                      str(tmp_path / 'cifar10' / '9.9.9'))
-  message = _raises_quickly(_data(dataset='cifar10', data_dir=str(tmp_path)),
-                            'not prepared')
+  message = _raises_quickly(_data(dataset='cifar10', data_dir=str(tmp_path),
+                                  download=False), 'not prepared')
   assert 'cifar10/9.9.9' in message

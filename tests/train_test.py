@@ -62,15 +62,18 @@ def test_train_then_eval_writes_everything(tmp_path):
       'f = m.signatures["serving_default"]\n'
       f'x = np.load({str(tmp_path / "images.npy")!r})\n'
       'out = f(images=tf.constant(x))\n'
-      'print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}))\n')
+      'print(json.dumps({k: (v.numpy().astype(str) if v.dtype == tf.string\n'
+      '                      else v.numpy()).tolist() for k, v in out.items()}))\n')
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
                         text=True, timeout=300,
                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
   assert proc.returncode == 0, proc.stderr[-2000:]
   got = json.loads(proc.stdout.strip().splitlines()[-1])
   assert set(got) == {'logits', 'probabilities', 'embedding',
-                      'unnormalized_embedding', 'projection'}
-  for key in got:
+                      'unnormalized_embedding', 'projection', 'class_index',
+                      'class_name'}
+  assert got['class_name'] == [str(i) for i in got['class_index']]
+  for key in set(got) - {'class_name'}:
     np.testing.assert_allclose(got[key], want[key].numpy(), rtol=1e-4,
                                atol=1e-5)
   np.testing.assert_allclose(np.sum(got['probabilities'], axis=-1), 1.0,

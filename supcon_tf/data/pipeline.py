@@ -24,9 +24,15 @@ the last partial batch so that every eval example is scored exactly once (the
 reference drops it instead). The batch dimension is therefore not static in
 eval; a TPU eval step must pad or run the remainder separately.
 
+Folder datasets (`folder:PATH`) enter as (file path, label) records: the
+training stream shuffles the paths (fully, per epoch) and reads and decodes
+each image inside the parallel augmentation map, so no image is held in
+memory beyond the batches in flight.
+
 Value range of images: [0, 1] as produced by `augment.py`; when
 `augment.apply_whitening` is set and the dataset has whitening constants
-(`datasets.WHITENING`: cifar10, cifar100) images are
+(`datasets.WHITENING`: cifar10, cifar100; folder and npz datasets: their own,
+computed from the training images and stored in model_dir) images are
 (x - mean) / std, roughly zero-mean unit-variance, about [-2.5, 2.8] for
 CIFAR. For CIFAR-10 these whitened values equal the reference's exactly; the
 reference's un-whitened images are in [-1, 1] instead of our [0, 1].
@@ -50,6 +56,9 @@ _MAX_CACHE_BYTES = 2 << 30
 # decoded images are large and tfds stores examples pre-shuffled.
 _MAX_FULL_SHUFFLE = 50_000
 _STREAMING_SHUFFLE = 1024
+# Records that are file paths (folder datasets) are shuffled fully up to this
+# many (about 100 bytes each).
+_MAX_PATH_SHUFFLE = 1 << 21
 
 # Mixed into the seed of augmentation randomness so it is independent of the
 # shuffle and label-noise streams drawn from the same `DataConfig.seed`.
@@ -302,12 +311,17 @@ def build_dataset(
     datasets.DatasetError: the dataset is unknown or not prepared.
   """
   data_config, augment_config = config.data, config.augment
-  info = datasets.get_dataset_info(data_config)
+  info = datasets.get_dataset_info(data_config, config.runtime.model_dir)
   whitening = whitening_constants(info, augment_config)
   dtype = output_dtype(config)
   pipeline_id = input_context.input_pipeline_id if input_context else 0
 
-  ds = datasets.load_split(data_config, training, input_context)
+  ds, decode = datasets.load_split_records(data_config, training,
+                                           input_context)
+  records_are_paths = decode is not None
+  if decode is None:
+    def decode(image, label):
+      return image, label
   source = ds
   num_local = int(ds.cardinality())
   if num_local < 0:  # Unknown cardinality: assume the whole split.
@@ -316,7 +330,10 @@ def build_dataset(
 
   if training:
     batch = per_replica_batch_size(data_config.batch_size, input_context)
-    if _should_cache(info, num_local):
+    if records_are_paths:
+      # Shuffling paths is cheap: shuffle fully, decode after (train_map).
+      buffer = min(num_local, _MAX_PATH_SHUFFLE)
+    elif _should_cache(info, num_local):
       ds = ds.cache()
       buffer = min(num_local, _MAX_FULL_SHUFFLE)
     else:
@@ -360,7 +377,7 @@ def build_dataset(
     num_views = data_config.num_views
 
     def train_map(index, example):
-      image, label = example
+      image, label = decode(*example)
       seed = tf.random.experimental.stateless_fold_in(base_seed, index)
       views = train_views(image, augment_config, num_views, seed)
       return finalize_images(views, whitening, dtype), label
@@ -370,7 +387,8 @@ def build_dataset(
   else:
     batch = per_replica_batch_size(data_config.eval_batch_size, input_context)
 
-    def eval_map(image, label):
+    def eval_map(*record):
+      image, label = decode(*record)
       return finalize_images(eval_view(image, augment_config), whitening,
                              dtype), label
 

@@ -42,7 +42,8 @@ def evaluate(config: config_lib.ExperimentConfig,
     {'top_1_accuracy', 'top_5_accuracy', 'cross_entropy_loss',
      'num_examples', 'dataset', 'split', 'checkpoint'}.
   """
-  info = datasets.get_dataset_info(config.data)
+  info = datasets.get_dataset_info(
+      config.data, config.runtime.model_dir)
   if model is None:
     model = checkpoints.load_model_for_inference(config, info, strategy)
   sums = runner.Runner(model, strategy).classify(

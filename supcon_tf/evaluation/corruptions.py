@@ -327,7 +327,8 @@ def evaluate_corruptions(config: config_lib.ExperimentConfig,
                          model: Optional[models.SupConModel] = None) -> Dict:
   """Errors on every selected corruption and severity; see the module doc."""
   analysis = config.analysis
-  info = datasets.get_dataset_info(config.data)
+  info = datasets.get_dataset_info(
+      config.data, config.runtime.model_dir)
   dataset = corrupted_dataset_name(config)
   names = selected_corruptions(config)
   severities = sorted(set(int(s) for s in analysis.severities))

@@ -178,7 +178,8 @@ def evaluate_knn(config: config_lib.ExperimentConfig,
   the eval split, capped at `max_eval_steps` batches like `--mode=eval`.
   """
   analysis = config.analysis
-  info = datasets.get_dataset_info(config.data)
+  info = datasets.get_dataset_info(
+      config.data, config.runtime.model_dir)
   if model is None:
     model = checkpoints.load_model_for_inference(config, info, strategy)
   key = models.NORMALIZED_EMBEDDING

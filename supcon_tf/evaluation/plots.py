@@ -395,9 +395,12 @@ def write_projector(embeddings: np.ndarray, labels: np.ndarray,
 def class_names(data_config: config_lib.DataConfig,
                 info: datasets.DatasetInfo) -> List[str]:
   """Human-readable class names (tfds ClassLabel names), else the indices."""
+  if info.class_names is not None and len(info.class_names) == (
+      info.num_classes):
+    return list(info.class_names)
   if datasets.base_name(info.name) != datasets.DIGITS:
     try:
-      source = datasets.tfds_source(info.name, data_config.data_dir)  # pylint: disable=protected-access
+      source = datasets.tfds_source(info.name, data_config.data_dir)
       names = source.builder.info.features[source.label_key].names
       if names and len(names) == info.num_classes:
         return [str(n) for n in names]
@@ -413,7 +416,7 @@ def plot_embeddings(config: config_lib.ExperimentConfig,
   """Writes the t-SNE PNG, projector files and curves; returns their paths."""
   model_dir = config.runtime.model_dir
   config_lib.check_model_dir(config)
-  info = datasets.get_dataset_info(config.data)
+  info = datasets.get_dataset_info(config.data, model_dir)
   if model is None:
     model = checkpoints.load_model_for_inference(config, info, strategy)
   max_points = config.analysis.plot_max_points

@@ -76,7 +76,8 @@ def eval_batches(config: config_lib.ExperimentConfig,
   """
   if not training_split:
     return pipeline.build_dataset(config, input_context, training=False)
-  info = datasets.get_dataset_info(config.data)
+  info = datasets.get_dataset_info(
+      config.data, config.runtime.model_dir)
   examples = datasets.load_split(config.data, True, input_context)
   return batch_eval_examples(examples, config, info, input_context)
 

@@ -42,7 +42,8 @@ EXPORT_DIR = 'export'
 # Config fields that may change between runs in one model_dir: how and where
 # a run executes, not what it trains.
 IGNORED_CONFIG_SECTIONS = ('runtime', 'analysis')
-IGNORED_CONFIG_FIELDS = ('data.data_dir', 'data.eval_batch_size')
+IGNORED_CONFIG_FIELDS = ('data.data_dir', 'data.eval_batch_size',
+                         'data.download')
 
 # What a checkpoint that cannot be read raises (a truncated data file raises
 # IndexError from the bundle reader, a corrupt one DataLossError, a truncated

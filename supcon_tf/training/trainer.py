@@ -249,7 +249,8 @@ class Trainer:
     config_lib.check_model_dir(config, TrainingError)
     self.config = config
     self.strategy = strategy
-    self.info = datasets.get_dataset_info(config.data)
+    self.info = datasets.get_dataset_info(
+        config.data, config.runtime.model_dir)
     self.plan = plan_stage(config, self.info, index)
     self.stage = self.plan.stage
     self.data_config = stage_config(config, self.plan)
@@ -550,6 +551,12 @@ class Trainer:
       return datasets.DatasetError(
           f'[{self.plan.name}] the training data of {self.info.name} ran out '
           f'at step {first + 1}; is the split empty?')
+    named = datasets.unreadable_images_error(self.config.data, error)
+    if named is not None:  # Folder images: the message names the file.
+      return datasets.DatasetError(
+          f'[{self.plan.name}] reading the training data failed during '
+          f'steps {first + 1}.. (resume from step {last_save} after the '
+          f'fix): {named}')
     if isinstance(error, tf.errors.DataLossError) or (
         isinstance(error, tf.errors.InvalidArgumentError) and
         ('Iterator' in text or 'decode' in text.lower())):
@@ -690,6 +697,11 @@ def train_stage(config: config_lib.ExperimentConfig,
     return {}
   if distribute.is_chief(strategy):
     checkpoints.write_config(config)
+    # Class names and own data's whitening statistics, which eval and export
+    # on this model_dir then reuse.
+    datasets.save_run_files(
+        datasets.get_dataset_info(config.data, config.runtime.model_dir),
+        config.runtime.model_dir, config.augment.apply_whitening)
   else:
     checkpoints.check_config(config)  # Fail together with the chief.
   return Trainer(config, strategy, index, monitor).train()
