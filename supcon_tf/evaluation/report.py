@@ -111,7 +111,7 @@ def format_monitor_table(rows: List[Dict[str, object]],
   key = next(k[0] for k in knn if k)
   epochs = sorted({round(float(e), 1) for c in curves if key in c
                    for e in c[key][0]})
-  lines = [f'| epoch | ' + ' | '.join(
+  lines = ['| epoch | ' + ' | '.join(
       f'{r["method"]} {key}' for r in rows) + ' |',
            '|---|' + '---|' * len(rows)]
   for epoch in epochs:
