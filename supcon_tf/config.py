@@ -896,9 +896,17 @@ def _validate_beyond_reference(config: ExperimentConfig) -> None:
 # (or from --reference_ckpt).
 MODEL_DIR_WRITERS = (enums.Mode.PRETRAIN, enums.Mode.CLASSIFIER,
                      enums.Mode.TRAIN, enums.Mode.TRAIN_THEN_EVAL,
-                     enums.Mode.SHOW_AUGMENTATIONS, enums.Mode.PLOT_EMBEDDINGS)
+                     enums.Mode.SHOW_AUGMENTATIONS, enums.Mode.PLOT_EMBEDDINGS,
+                     enums.Mode.CONTINUOUS_EVAL)
 MODEL_DIR_READERS = (enums.Mode.EVAL, enums.Mode.EXPORT, enums.Mode.EVAL_KNN,
-                     enums.Mode.EVAL_CORRUPTIONS)
+                     enums.Mode.EVAL_CORRUPTIONS, enums.Mode.EVAL_RETRIEVAL)
+# Why a writer needs --model_dir, where it is not for checkpoints.
+_MODEL_DIR_USE = {
+    enums.Mode.SHOW_AUGMENTATIONS: 'its output goes there',
+    enums.Mode.PLOT_EMBEDDINGS: 'its output goes there',
+    enums.Mode.CONTINUOUS_EVAL: 'the directory the training job writes its '
+                                'checkpoints to',
+}
 
 
 def check_model_dir(config: ExperimentConfig,
@@ -913,10 +921,8 @@ def check_model_dir(config: ExperimentConfig,
   if r.model_dir:
     return
   if r.mode in MODEL_DIR_WRITERS:
-    why = ('checkpoints, config.json and summaries go there'
-           if r.mode not in (enums.Mode.SHOW_AUGMENTATIONS,
-                             enums.Mode.PLOT_EMBEDDINGS)
-           else 'its output goes there')
+    why = _MODEL_DIR_USE.get(
+        r.mode, 'checkpoints, config.json and summaries go there')
     raise error(f'--model_dir is required for --mode={r.mode.value} '
                 f'({why}).')
   if r.mode in MODEL_DIR_READERS and not config.warm_start.reference_ckpt:

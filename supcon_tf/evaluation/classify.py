@@ -11,7 +11,6 @@ import tensorflow as tf
 
 from supcon_tf import config as config_lib
 from supcon_tf import distribute
-from supcon_tf import errors
 from supcon_tf import models
 from supcon_tf.data import datasets
 from supcon_tf.data import pipeline
@@ -20,8 +19,7 @@ from supcon_tf.evaluation import runner
 from supcon_tf.training import checkpoints
 
 
-class EvalError(errors.UserError, RuntimeError):
-  """Nothing to evaluate (an empty eval split)."""
+EvalError = runner.EvalError
 
 
 def evaluate(config: config_lib.ExperimentConfig,

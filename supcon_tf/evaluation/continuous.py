@@ -80,11 +80,8 @@ def continuous_eval(config: config_lib.ExperimentConfig,
     'step' and 'export_dir', oldest first.
   """
   runtime = config.runtime
-  if not runtime.model_dir:
-    raise trainer.TrainingError(
-        '--model_dir is required for --mode=continuous_eval (the directory '
-        'the training job writes its checkpoints to).')
-  info = datasets.get_dataset_info(config.data)
+  config_lib.check_model_dir(config, trainer.TrainingError)
+  info = datasets.get_dataset_info(config.data, runtime.model_dir)
   last_stage, last_step = final_checkpoint(config, info)
   print(f'[continuous_eval] watching {runtime.model_dir} until '
         f'{last_stage} step {last_step}', flush=True)

@@ -193,7 +193,7 @@ def evaluate_knn(config: config_lib.ExperimentConfig,
       lambda ctx: runner.eval_batches(config, ctx, training_split=False),
       [key], max_batches=config.runtime.max_eval_steps)
   if queries[runner.LABELS].shape[0] == 0:
-    raise ValueError(f'The eval split of {info.name} is empty.')
+    raise runner.EvalError(f'The eval split of {info.name} is empty.')
   accuracies = knn_accuracies(
       queries[key], queries[runner.LABELS], bank[key],
       bank[runner.LABELS], info.num_classes, analysis.knn_k,

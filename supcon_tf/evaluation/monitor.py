@@ -77,7 +77,7 @@ def subset_batches(config: config_lib.ExperimentConfig,
     Finite dataset of (images [<= per_replica_eval_batch, s, s, 3], int32
     labels).
   """
-  info = datasets.get_dataset_info(config.data)
+  info = datasets.get_dataset_info(config.data, config.runtime.model_dir)
   examples = datasets.load_split(config.data, training_split, input_context)
   shards = 1
   if input_context is not None and input_context.num_input_pipelines > 1 and (
@@ -99,7 +99,7 @@ class EmbeddingMonitor:
                strategy: tf.distribute.Strategy):
     self.config = config
     self.strategy = strategy
-    self.info = datasets.get_dataset_info(config.data)
+    self.info = datasets.get_dataset_info(config.data, config.runtime.model_dir)
     self._runner: Optional[runner.Runner] = None
     # (split, size, pipeline id) -> its subset's batches, built once.
     self._datasets: Dict = {}

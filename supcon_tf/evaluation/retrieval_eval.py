@@ -25,7 +25,6 @@ Memory: the train embeddings are kept on the host as float32 [N, d] (as in
 indices), never [queries, N].
 """
 
-import os
 from typing import Dict, Optional
 
 import tensorflow as tf
@@ -61,7 +60,7 @@ def evaluate_retrieval(config: config_lib.ExperimentConfig,
     `retrieval_ami`, and the sizes and checkpoint.
   """
   analysis = config.analysis
-  info = datasets.get_dataset_info(config.data)
+  info = datasets.get_dataset_info(config.data, config.runtime.model_dir)
   if model is None:
     model = checkpoints.load_model_for_inference(config, info, strategy)
   key = models.NORMALIZED_EMBEDDING
@@ -72,7 +71,7 @@ def evaluate_retrieval(config: config_lib.ExperimentConfig,
       lambda ctx: runner.eval_batches(config, ctx, training_split=False),
       [key], max_batches=config.runtime.max_eval_steps)
   if queries[runner.LABELS].shape[0] == 0:
-    raise ValueError(f'The eval split of {info.name} is empty.')
+    raise runner.EvalError(f'The eval split of {info.name} is empty.')
   bank = model_runner.predict(
       lambda ctx: runner.eval_batches(config, ctx, training_split=True),
       [key])
@@ -100,10 +99,8 @@ def evaluate_retrieval(config: config_lib.ExperimentConfig,
              if isinstance(v, float) and 'num_' not in k}
   model_dir = config.runtime.model_dir
   if model_dir and distribute.is_chief(strategy):
-    results_lib.merge_json(
-        os.path.join(model_dir, checkpoints.EVAL_RESULTS_FILE), results)
-    results_lib.write_scalars(os.path.join(model_dir, 'logs', 'eval'),
-                              scalars, results_lib.checkpoint_step(checkpoint))
+    results_lib.publish(model_dir, checkpoints.EVAL_RESULTS_FILE, results,
+                        scalars, checkpoint)
   for setting, metrics in (('test vs test (leave-one-out)', loo),
                            ('test vs train', vs_train)):
     shown = ', '.join(

@@ -18,11 +18,16 @@ import numpy as np
 import tensorflow as tf
 
 from supcon_tf import config as config_lib
+from supcon_tf import errors
 from supcon_tf import models
 from supcon_tf.data import datasets
 from supcon_tf.data import pipeline
 
 LABELS = 'labels'
+
+
+class EvalError(errors.UserError, RuntimeError):
+  """Nothing to evaluate (an empty eval split)."""
 
 DatasetFn = Callable[[Optional[tf.distribute.InputContext]], tf.data.Dataset]
 
