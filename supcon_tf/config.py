@@ -170,6 +170,9 @@ class RuntimeConfig:
   override_config: bool = False
   # Replace a non-empty --export_dir.
   overwrite: bool = False
+  # Gradient caching (training/grad_cache.py): stage 1 embeds each replica's
+  # batch in micro-batches of this many images; 0 = off. Stage 2 ignores it.
+  micro_batch_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,6 +373,13 @@ def validate(config: ExperimentConfig) -> None:
     _check(getattr(r, name) > 0, name, f'must be > 0, got {getattr(r, name)}.')
   for name in ('max_train_steps', 'max_eval_steps'):
     _check(getattr(r, name) >= 0, name, f'must be >= 0, got {getattr(r, name)}.')
+  _check(r.micro_batch_size >= 0, 'micro_batch_size',
+         f'must be >= 0 (0 = off), got {r.micro_batch_size}.')
+  _check(r.micro_batch_size == 0 or
+         (r.micro_batch_size <= d.batch_size and
+          d.batch_size % r.micro_batch_size == 0), 'micro_batch_size',
+         f'{r.micro_batch_size} must divide --batch_size={d.batch_size} (and '
+         'the per-replica batch, --batch_size / replicas); 0 = off.')
   an = config.analysis
   _check(len(an.knn_k) > 0 and all(k > 0 for k in an.knn_k), 'knn_k',
          f'needs one or more positive neighbour counts, got {an.knn_k}.')
@@ -674,6 +684,13 @@ def define_flags(fv: Optional[flags.FlagValues] = None) -> None:
          'experiment (the file is then replaced).')
   d.bool('overwrite', _R.overwrite,
          'Replace a non-empty --export_dir.')
+  d.integer('micro_batch_size', _R.micro_batch_size,
+            'Stage 1 gradient caching: embed each replica\'s batch in '
+            'micro-batches of this many images, take the loss over the whole '
+            'batch, then backpropagate micro-batch by micro-batch (exact big '
+            'contrastive batches in the memory of a small one, for one extra '
+            'forward pass). Must divide the per-replica batch (--batch_size '
+            '/ replicas); 0 = off. Ignored by stage 2.')
   # Analysis modes (eval_knn, eval_corruptions, plot_embeddings).
   d.list('knn_k', [str(k) for k in _AN.knn_k],
          'eval_knn: neighbour counts k of the weighted kNN vote.')
@@ -809,7 +826,8 @@ def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
           max_train_steps=fv.max_train_steps,
           max_eval_steps=fv.max_eval_steps,
           deterministic=fv.deterministic,
-          override_config=fv.override_config, overwrite=fv.overwrite),
+          override_config=fv.override_config, overwrite=fv.overwrite,
+          micro_batch_size=fv.micro_batch_size),
       analysis=AnalysisConfig(
           knn_k=_int_list('knn_k', fv.knn_k),
           knn_temperature=fv.knn_temperature,
