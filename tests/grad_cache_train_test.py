@@ -65,7 +65,9 @@ def _summed_gradients(trainer, batch):
   strategy = trainer.strategy
 
   def replica_fn(images, labels):
-    total, _, grads = trainer.step.gradients(images, labels, None)
+    images, targets = trainer.extensions.prepare(
+        images, labels, trainer.optimizer.iterations)
+    total, _, grads = trainer.step.gradients(images, labels, targets)
     return [total] + [g for g in grads if g is not None]
 
   @tf.function
@@ -77,13 +79,21 @@ def _summed_gradients(trainer, batch):
   return float(out[0]), [g.numpy() for g in out[1:]]
 
 
-@pytest.mark.parametrize('replicas,micro', [(1, 4), (4, 2)])
-def test_trainer_gradient_equals_full_batch(tmp_path, replicas, micro):
+# GenSCL with the momentum queue: the extension's loss inside the cached loss.
+GENSCL_QUEUE = dict(loss__contrastive_loss='genscl', loss__queue_size=32)
+
+
+@pytest.mark.parametrize('replicas,micro,overrides', [
+    (1, 4, {}), (1, 4, GENSCL_QUEUE), (4, 2, {})])
+def test_trainer_gradient_equals_full_batch(tmp_path, replicas, micro,
+                                            overrides):
   # Batch norm in inference mode: micro-batches do not interact, so the
   # cached gradient is the plain full-batch gradient (4 replicas: per-replica
   # batch 4 in micro-batches of 2, the loss over the gathered 16).
   strategy = ONE_DEVICE if replicas == 1 else mirrored_strategy(replicas)
-  plain, cached = _trainers(tmp_path, strategy, micro, bn_inference=True)
+  plain, cached = _trainers(tmp_path, strategy, micro, bn_inference=True,
+                            **overrides)
+  assert cached.step.loss_plan.contrastive_by_extension == bool(overrides)
   assert not cached.step.bn_training
   stats = [v.numpy() for v in cached.model.non_trainable_variables]
   batch = next(plain.make_iterator(0))

@@ -312,10 +312,10 @@ class Trainer:
   def _micro_batch_size(self) -> int:
     """Stage 1's `--micro_batch_size`, checked against the replica batch.
 
-    Stage 2 ignores it: it trains the classifier on the frozen encoder with a
-    per-sample loss (nothing couples the samples, and the stop gradient keeps
-    no encoder activations for a backward pass), so caching would only cost a
-    second forward pass.
+    Stage 2 ignores it: it trains the classifier with a per-sample loss
+    (nothing couples the samples, so a large batch needs no caching), on an
+    encoder frozen by the default stop gradient (no encoder activations are
+    kept for a backward pass); caching would only cost a second forward.
     """
     micro = self.config.runtime.micro_batch_size
     if self.plan.index != 1 or not micro:
