@@ -8,6 +8,7 @@ tiny ResNet-18 of tests/train_test.py (width 0.125, 16 px digits, batch 16,
 
 import dataclasses
 
+from absl import flags
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -169,7 +170,21 @@ def test_resume_is_bit_identical_mixed_precision_steps_per_loop(tmp_path):
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+def _parse(*argv):
+  fv = flags.FlagValues()
+  config_lib.define_flags(fv)
+  fv(['supcon_tf', *argv])
+  return config_lib.config_from_flags(fv)
+
+
 def test_micro_batch_size_must_divide_the_replica_batch(tmp_path):
+  assert _parse().runtime.micro_batch_size == 0  # Off by default.
+  assert _parse('--batch_size=64',
+                '--micro_batch_size=16').runtime.micro_batch_size == 16
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'^--micro_batch_size: 24 must divide '
+                     r'--batch_size=64 '):
+    _parse('--batch_size=64', '--micro_batch_size=24')
   with pytest.raises(config_lib.ConfigError,
                      match=r'^--micro_batch_size: 3 must divide '
                      r'--batch_size=16'):
