@@ -526,6 +526,17 @@ class RuntimeConfig:
   eval_timeout_secs: float = flag_field(
       60 * 60, 'continuous_eval: stop after waiting this long for a new '
       'checkpoint.', check=at_least(0))
+  # Gradient caching (training/grad_cache.py). Here rather than in a training
+  # section: switching it between resumes of a model_dir changes no result
+  # beyond batch-norm statistics (checkpoints.experiment_diff ignores runtime).
+  micro_batch_size: int = flag_field(
+      0, 'Stage 1 gradient caching: embed each replica\'s batch in '
+      'micro-batches of this many images, take the loss over the whole '
+      'batch, then backpropagate micro-batch by micro-batch (exact big '
+      'contrastive batches in the memory of a small one, for one extra '
+      'forward pass). Must divide the per-replica batch (--batch_size '
+      '/ replicas); 0 = off. Ignored by stage 2.',
+      check=at_least(0, ' (0 = off)'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -825,6 +836,12 @@ def validate(config: ExperimentConfig) -> None:
            f'{stage.warmup_epochs:g} must be < --stage_{i}_epochs '
            f'({stage.epochs:g}): lower --stage_{i}_warmup_epochs (e.g. '
            f'--stage_{i}_warmup_epochs=0) or raise --stage_{i}_epochs.')
+  r = config.runtime
+  _check(r.micro_batch_size == 0 or
+         (r.micro_batch_size <= d.batch_size and
+          d.batch_size % r.micro_batch_size == 0), 'micro_batch_size',
+         f'{r.micro_batch_size} must divide --batch_size={d.batch_size} (and '
+         'the per-replica batch, --batch_size / replicas); 0 = off.')
   _check(d.samples_per_class == 0 or d.batch_size % d.samples_per_class == 0,
          'samples_per_class',
          f'--batch_size ({d.batch_size}) must be a multiple of '

@@ -7,6 +7,14 @@ runs one step on one replica: deferred blur, extension inputs (mixing,
 teacher targets), forward, the per-example losses reduced by the global
 batch, weight decay, gradients, apply, extension updates (EMA, enqueue).
 Bookkeeping (checkpoints, summaries, progress) lives in `trainer.py`.
+
+With `micro_batch_size` (stage 1's `--micro_batch_size`) the forward and
+gradients go through gradient caching (`grad_cache.cached_gradients`): the
+replica batch is embedded in micro-batches, the loss (contrastive, GenSCL /
+queue, cross-entropy, weight decay) is taken over the whole batch, and each
+micro-batch is replayed with its cached output gradient. Blur, mixing and the
+teacher run once, before, on the whole batch; the optimizer step and the
+extension updates after, as without caching.
 """
 
 import dataclasses
@@ -22,6 +30,7 @@ from supcon_tf import losses
 from supcon_tf import models
 from supcon_tf.data import augment
 from supcon_tf.training import extensions as extensions_lib
+from supcon_tf.training import grad_cache
 
 # Mixed into the seed of the deferred blur so that it is independent of the
 # input pipeline's streams drawn from the same `DataConfig.seed`.
@@ -77,6 +86,9 @@ class TrainStep:
       does so in every training step, whatever the stage and views).
     bn_training: run batch norm in training mode.
     check_gradients: report the gradient norm (non-finite detection).
+    micro_batch_size: embed the replica batch in micro-batches of this many
+      images (gradient caching); 0 = one pass over the whole batch. Must
+      divide the per-replica batch (`grad_cache.num_micro_batches`).
   """
 
   def __init__(self, config: config_lib.ExperimentConfig,
@@ -84,7 +96,7 @@ class TrainStep:
                extensions: extensions_lib.TrainStepExtensions,
                loss_plan: LossPlan, global_batch: int, num_classes: int,
                weight_decay_variables, defer_blur: bool, bn_training: bool,
-               check_gradients: bool):
+               check_gradients: bool, micro_batch_size: int = 0):
     self.config = config
     self.model = model
     self.optimizer = optimizer
@@ -97,6 +109,7 @@ class TrainStep:
     self.bn_training = bn_training
     self.check_gradients = check_gradients
     self.train_vars = model.trainable_variables
+    self.micro_batch_size = micro_batch_size
 
   def blur(self, images: tf.Tensor) -> tf.Tensor:
     """Deferred blur of [batch, views, h, w, c] images.
@@ -178,6 +191,41 @@ class TrainStep:
     return (self.loss_plan.weight_decay *
             models.l2_weight_decay(self.wd_vars) / replicas)
 
+  def gradients(self, images: tf.Tensor, labels: tf.Tensor, targets
+                ) -> Tuple[tf.Tensor, Dict[str, tf.Tensor], list]:
+    """The total loss, its terms and the (scaled) gradients of one batch.
+
+    Args:
+      images: float [batch, views, h, w, c], after blur and mixing.
+      labels: int [batch].
+      targets: float [batch, num_classes] or None (`extensions.prepare`).
+
+    Returns:
+      (total, terms, gradients): the unscaled total loss, the metric terms
+      and one gradient (or None) per `self.train_vars`, scaled by the
+      optimizer's loss scale. With `micro_batch_size` the gradients are the
+      cached ones (`grad_cache.cached_gradients`).
+    """
+    def loss_fn(outputs):
+      # The momentum queue / GenSCL loss only reads the outputs (and the
+      # queue), so it is part of the whole-batch loss.
+      total, terms = self.loss_terms(outputs, labels, targets)
+      if self.loss_plan.weight_decay > 0:
+        terms['weight_decay_loss'] = self.weight_decay_loss()
+        total += terms['weight_decay_loss']
+      return total, terms
+
+    forward = lambda x: self.model(x, training=self.bn_training)  # pylint: disable=unnecessary-lambda-assignment
+    if self.micro_batch_size:
+      cached = grad_cache.cached_gradients(
+          forward, loss_fn, images, self.train_vars, self.micro_batch_size,
+          scale_loss=self.optimizer.scale_loss)
+      return cached.loss, cached.terms, cached.gradients
+    with tf.GradientTape() as tape:
+      total, terms = loss_fn(forward(images))
+      scaled = self.optimizer.scale_loss(total)
+    return total, terms, tape.gradient(scaled, self.train_vars)
+
   def __call__(self, images: tf.Tensor, labels: tf.Tensor
                ) -> Dict[str, tf.Tensor]:
     """One step on this replica's batch; returns its metric shares.
@@ -191,14 +239,7 @@ class TrainStep:
     # CutMix / Mixup and teacher targets (None when neither nor GenSCL).
     images, targets = self.extensions.prepare(images, labels,
                                               self.optimizer.iterations)
-    with tf.GradientTape() as tape:
-      outputs = self.model(images, training=self.bn_training)
-      total, terms = self.loss_terms(outputs, labels, targets)
-      if self.loss_plan.weight_decay > 0:
-        terms['weight_decay_loss'] = self.weight_decay_loss()
-        total += terms['weight_decay_loss']
-      scaled = self.optimizer.scale_loss(total)
-    grads = tape.gradient(scaled, self.train_vars)
+    total, terms, grads = self.gradients(images, labels, targets)
     pairs = [(g, v) for g, v in zip(grads, self.train_vars) if g is not None]
     if self.check_gradients:
       # This replica's gradient norm, averaged over replicas by the SUM

@@ -60,6 +60,7 @@ from supcon_tf import config as config_lib
 from supcon_tf import distribute
 from supcon_tf import errors
 from supcon_tf.training import extensions
+from supcon_tf.training import grad_cache
 from supcon_tf.training import step as step_lib
 from supcon_tf import models
 from supcon_tf import optim
@@ -254,6 +255,7 @@ class Trainer:
     self.plan = plan_stage(config, self.info, index)
     self.stage = self.plan.stage
     self.data_config = stage_config(config, self.plan)
+    micro_batch_size = self._micro_batch_size()  # Fails before building.
     self.is_chief = distribute.is_chief(strategy)
     # Saving is collective under MultiWorkerMirroredStrategy: every worker
     # saves, but only the chief's checkpoints are kept in model_dir; the
@@ -312,7 +314,8 @@ class Trainer:
         # The loss-scale optimizer (float16) skips steps with non-finite
         # gradients by design, so those are not an error there.
         check_gradients=not isinstance(
-            self.optimizer, keras.optimizers.LossScaleOptimizer))
+            self.optimizer, keras.optimizers.LossScaleOptimizer),
+        micro_batch_size=micro_batch_size)
 
     # The input stream is built by `make_iterator` once the starting step is
     # known (it resumes at that step's position). The step, model and
@@ -339,6 +342,29 @@ class Trainer:
     self.monitor_seconds = 0.0  # Spent in the monitor (the cost, measured).
 
   # --- set-up ---------------------------------------------------------------
+
+  def _micro_batch_size(self) -> int:
+    """Stage 1's `--micro_batch_size`, checked against the replica batch.
+
+    Stage 2 ignores it: it trains the classifier with a per-sample loss
+    (nothing couples the samples, so a large batch needs no caching), on an
+    encoder frozen by the default stop gradient (no encoder activations are
+    kept for a backward pass); caching would only cost a second forward.
+    """
+    micro = self.config.runtime.micro_batch_size
+    if self.plan.index != 1 or not micro:
+      return 0
+    replicas = self.strategy.num_replicas_in_sync
+    per_replica = self.plan.global_batch // replicas
+    try:
+      grad_cache.num_micro_batches(per_replica, micro)
+    except ValueError as e:
+      raise config_lib.ConfigError(
+          f'--micro_batch_size={micro} must divide the per-replica batch '
+          f'--batch_size={self.plan.global_batch} / {replicas} replicas = '
+          f'{per_replica}; pick a divisor of {per_replica}, or 0 (off).'
+      ) from e
+    return micro
 
   def _freeze_encoder_bn_stats(self):
     """`update_encoder_batch_norm=False`: batch statistics are still used for
