@@ -98,8 +98,7 @@ def genscl_loss(features,
   if label_similarity not in LABEL_SIMILARITIES:
     raise ValueError(f'{name}: label_similarity must be one of '
                      f'{LABEL_SIMILARITIES}, got {label_similarity!r}.')
-  if isinstance(temperature, (int, float)) and temperature <= 0:
-    raise ValueError(f'{name}: temperature must be > 0, got {temperature}.')
+  layout.check_temperature(temperature, name)
   features = layout.flatten_features(features, name)
   labels = layout.labels_tensor(soft_labels, name)
   if (labels is not None and labels.shape[0] is not None and
@@ -177,9 +176,7 @@ class GenSCLLoss(keras.losses.Loss):
                name='genscl_loss',
                **kwargs):
     super().__init__(reduction=reduction, name=name, **kwargs)
-    if temperature <= 0:
-      raise ValueError(f'GenSCLLoss: temperature must be > 0, got '
-                       f'{temperature}.')
+    layout.check_temperature(float(temperature), 'GenSCLLoss')
     if label_similarity not in LABEL_SIMILARITIES:
       raise ValueError(f'GenSCLLoss: label_similarity must be one of '
                        f'{LABEL_SIMILARITIES}, got {label_similarity!r}.')

@@ -16,6 +16,16 @@ from supcon_tf import distribute
 EXCLUDED_LOGIT = -1e9
 
 
+def check_temperature(temperature, name: str) -> None:
+  """Raises ValueError unless a Python-number temperature is > 0.
+
+  (A tensor temperature is the caller's responsibility: it cannot be read at
+  trace time.)
+  """
+  if isinstance(temperature, (int, float)) and temperature <= 0:
+    raise ValueError(f'{name}: temperature must be > 0, got {temperature}.')
+
+
 def flatten_features(features: tf.Tensor, name: str) -> tf.Tensor:
   """Checks and casts contrastive features to float32 [batch, views, dim].
 

@@ -70,8 +70,7 @@ def supcon_loss_with_queue(
   if positives_cap != -1:
     raise ValueError(f'{name}: positives_cap is not supported with a queue '
                      f'(got {positives_cap}); use -1.')
-  if isinstance(temperature, (int, float)) and temperature <= 0:
-    raise ValueError(f'{name}: temperature must be > 0, got {temperature}.')
+  layout.check_temperature(temperature, name)
   features = layout.flatten_features(features, name)
   labels = layout.labels_tensor(labels, name)
   num_views = features.shape[1]

@@ -74,9 +74,7 @@ def _validate(features: tf.Tensor, labels: Optional[tf.Tensor], temperature,
       raise ValueError(
           f'supcon_loss: labels batch ({labels.shape[0]}) does not match '
           f'features batch ({features.shape[0]}).')
-  if isinstance(temperature, (int, float)) and temperature <= 0:
-    raise ValueError(
-        f'supcon_loss: temperature must be > 0, got {temperature}.')
+  layout.check_temperature(temperature, 'supcon_loss')
   if not isinstance(positives_cap, int) or isinstance(positives_cap, bool):
     raise ValueError(
         f'supcon_loss: positives_cap must be an int, got {positives_cap!r}.')
@@ -238,9 +236,7 @@ class SupConLoss(keras.losses.Loss):
                chunk_size: Optional[int] = None,
                **kwargs):
     super().__init__(reduction=reduction, name=name, **kwargs)
-    if temperature <= 0:
-      raise ValueError(f'SupConLoss: temperature must be > 0, got '
-                       f'{temperature}.')
+    layout.check_temperature(float(temperature), 'SupConLoss')
     self.temperature = float(temperature)
     self.contrast_mode = enums.parse_enum(enums.LossContrastMode,
                                           contrast_mode)
