@@ -75,6 +75,15 @@ def test_overrides_and_aliases():
     (['--label_noise_prob=1.5'], 'label_noise_prob'),
     (['--projection_head_layers=128,x'], 'projection_head_layers'),
     (['--stage_2_decay_boundary_epochs=60,30'], 'stage_2_decay_boundary_epochs'),
+    (['--retrieval_ks=1,8', '--retrieval_max_neighbours=4'], 'retrieval_ks'),
+    (['--retrieval_max_neighbours=0'], 'retrieval_max_neighbours'),
+    (['--retrieval_chunk_size=0'], 'retrieval_chunk_size'),
+    (['--monitor_every_epochs=-1'], 'monitor_every_epochs'),
+    (['--samples_per_class=1'], 'samples_per_class'),
+    (['--batch_size=12', '--samples_per_class=5'], 'samples_per_class'),
+    (['--batch_size=12', '--micro_batch_size=5'], 'micro_batch_size'),
+    (['--folder_test_fraction=1'], 'folder_test_fraction'),
+    (['--dataset=folder:'], 'dataset'),
 ])
 def test_invalid_values_name_the_flag(args, flag):
   with pytest.raises(config_lib.ConfigError, match=f'--{flag}:'):
