@@ -16,7 +16,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip >&2 2>/dev/null || true
   .venv/bin/python -m pip install --quiet -e '.[test]' 2>&1 \
     | grep -v "^WARNING: Location" >&2 || true
-  .venv/bin/python -c "import supcon_tf, tensorflow, keras, tensorflow_datasets, sklearn" \
-    || { echo "[setup] install failed" >&2; exit 1; }
+  # TF's C++ start-up notes are silenced; a failed import shows its error.
+  check="import supcon_tf, tensorflow, keras, tensorflow_datasets, sklearn"
+  TF_CPP_MIN_LOG_LEVEL=3 .venv/bin/python -c "$check" 2>/dev/null \
+    || { TF_CPP_MIN_LOG_LEVEL=3 .venv/bin/python -c "$check";
+         echo "[setup] install failed" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
