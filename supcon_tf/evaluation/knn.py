@@ -185,15 +185,8 @@ def evaluate_knn(config: config_lib.ExperimentConfig,
   key = models.NORMALIZED_EMBEDDING
   print(f'[eval_knn] embedding {info.num_train_examples} train images '
         f'of {info.name} (the memory bank)', flush=True)
-  model_runner = runner.Runner(model, strategy)
-  bank = model_runner.predict(
-      lambda ctx: runner.eval_batches(config, ctx, training_split=True),
-      [key])
-  queries = model_runner.predict(
-      lambda ctx: runner.eval_batches(config, ctx, training_split=False),
-      [key], max_batches=config.runtime.max_eval_steps)
-  if queries[runner.LABELS].shape[0] == 0:
-    raise runner.EvalError(f'The eval split of {info.name} is empty.')
+  bank, queries = runner.embed_bank_and_queries(config, strategy, model,
+                                                info, key)
   accuracies = knn_accuracies(
       queries[key], queries[runner.LABELS], bank[key],
       bank[runner.LABELS], info.num_classes, analysis.knn_k,

@@ -66,15 +66,8 @@ def evaluate_retrieval(config: config_lib.ExperimentConfig,
   key = models.NORMALIZED_EMBEDDING
   print(f'[eval_retrieval] embedding {info.num_train_examples} train and the '
         f'{info.eval_split} images of {info.name}', flush=True)
-  model_runner = runner.Runner(model, strategy)
-  queries = model_runner.predict(
-      lambda ctx: runner.eval_batches(config, ctx, training_split=False),
-      [key], max_batches=config.runtime.max_eval_steps)
-  if queries[runner.LABELS].shape[0] == 0:
-    raise runner.EvalError(f'The eval split of {info.name} is empty.')
-  bank = model_runner.predict(
-      lambda ctx: runner.eval_batches(config, ctx, training_split=True),
-      [key])
+  bank, queries = runner.embed_bank_and_queries(config, strategy, model,
+                                                info, key)
   options = dict(ks=analysis.retrieval_ks,
                  chunk_size=analysis.retrieval_chunk_size,
                  max_neighbours=analysis.retrieval_max_neighbours,

@@ -200,6 +200,34 @@ class Runner:
     return int(sums['top_1']), int(sums['count'])
 
 
+def embed_bank_and_queries(
+    config: config_lib.ExperimentConfig, strategy: tf.distribute.Strategy,
+    model: models.SupConModel, info: datasets.DatasetInfo,
+    key: str = models.NORMALIZED_EMBEDDING
+) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+  """Embeddings of the train split (the bank) and of the eval split.
+
+  The bank is the train split as training reads it (`num_images` cap and
+  label noise included), the queries the eval split capped at
+  `max_eval_steps` batches like `--mode=eval`; both in eval preprocessing.
+
+  Returns:
+    (bank, queries), each {key: float32 [n, dim], LABELS: int32 [n]}.
+
+  Raises:
+    EvalError: the eval split is empty.
+  """
+  model_runner = Runner(model, strategy)
+  bank = model_runner.predict(
+      lambda ctx: eval_batches(config, ctx, training_split=True), [key])
+  queries = model_runner.predict(
+      lambda ctx: eval_batches(config, ctx, training_split=False), [key],
+      max_batches=config.runtime.max_eval_steps)
+  if queries[LABELS].shape[0] == 0:
+    raise EvalError(f'The eval split of {info.name} is empty.')
+  return bank, queries
+
+
 def predict(model: models.SupConModel, strategy: tf.distribute.Strategy,
             dataset_fn: DatasetFn, output_keys: Sequence[str],
             max_batches: int = 0) -> Dict[str, np.ndarray]:
