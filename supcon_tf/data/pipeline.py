@@ -330,45 +330,51 @@ def build_dataset(
 
   if training:
     batch = per_replica_batch_size(data_config.batch_size, input_context)
-    if records_are_paths:
-      # Shuffling paths is cheap: shuffle fully, decode after (train_map).
-      buffer = min(num_local, _MAX_PATH_SHUFFLE)
-    elif _should_cache(info, num_local):
-      ds = ds.cache()
-      buffer = min(num_local, _MAX_FULL_SHUFFLE)
-    else:
-      buffer = _STREAMING_SHUFFLE
-    # Sharded before this point (load_split), so shuffling never moves an
-    # example between hosts. Epoch e is shuffled with a seed derived from
-    # (seed, e) only, so the order is reproducible and a resumed run jumps to
-    # its epoch directly, skipping at most one epoch of this shard (cheap once
-    # cached; for streamed datasets the skipped examples are read and decoded).
-    # `tf.distribute` iterators cannot be checkpointed (TF 2.x raises "expecting
-    # a trackable object"), and explicit tf.data checkpoints would store the
-    # shuffle buffer and cache (GBs): the position is the checkpointed step.
-    replicas_per_pipeline = 1
-    if input_context is not None:
-      replicas_per_pipeline = max(
-          1, input_context.num_replicas_in_sync //
-          input_context.num_input_pipelines)
-    start = int(start_step) * batch * replicas_per_pipeline
-    first_epoch, offset = divmod(start, max(num_local, 1))
-    epoch_key = tf.constant([data_config.seed, _SHUFFLE_SALT], tf.int64)
-    shard = ds
-
-    def one_epoch(epoch):
-      seeds = tf.random.stateless_uniform(
-          [2], tf.random.experimental.stateless_fold_in(epoch_key, epoch),
-          minval=None, maxval=None, dtype=tf.int64)
-      return _seeded_shuffle(shard, max(buffer, 1), seeds)
-
-    ds = _epochs(first_epoch, one_epoch, source)
-    if offset:
-      ds = ds.skip(offset)
     if data_config.samples_per_class > 0:
-      # Replaces the (lazy, never read) shuffled stream above.
+      # Class-balanced: examples picked by index from the in-memory split,
+      # already decoded, instead of the shuffled epochs below.
       ds, start = _balanced_examples(data_config, info, input_context,
                                      start_step)
+
+      def decode(image, label):  # pylint: disable=function-redefined
+        return image, label
+    else:
+      if records_are_paths:
+        # Shuffling paths is cheap: shuffle fully, decode after (train_map).
+        buffer = min(num_local, _MAX_PATH_SHUFFLE)
+      elif _should_cache(info, num_local):
+        ds = ds.cache()
+        buffer = min(num_local, _MAX_FULL_SHUFFLE)
+      else:
+        buffer = _STREAMING_SHUFFLE
+      # Sharded before this point (load_split), so shuffling never moves an
+      # example between hosts. Epoch e is shuffled with a seed derived from
+      # (seed, e) only, so the order is reproducible and a resumed run jumps
+      # to its epoch directly, skipping at most one epoch of this shard (cheap
+      # once cached; for streamed datasets the skipped examples are read and
+      # decoded). `tf.distribute` iterators cannot be checkpointed (TF 2.x
+      # raises "expecting a trackable object"), and explicit tf.data
+      # checkpoints would store the shuffle buffer and cache (GBs): the
+      # position is the checkpointed step.
+      replicas_per_pipeline = 1
+      if input_context is not None:
+        replicas_per_pipeline = max(
+            1, input_context.num_replicas_in_sync //
+            input_context.num_input_pipelines)
+      start = int(start_step) * batch * replicas_per_pipeline
+      first_epoch, offset = divmod(start, max(num_local, 1))
+      epoch_key = tf.constant([data_config.seed, _SHUFFLE_SALT], tf.int64)
+      shard = ds
+
+      def one_epoch(epoch):
+        seeds = tf.random.stateless_uniform(
+            [2], tf.random.experimental.stateless_fold_in(epoch_key, epoch),
+            minval=None, maxval=None, dtype=tf.int64)
+        return _seeded_shuffle(shard, max(buffer, 1), seeds)
+
+      ds = _epochs(first_epoch, one_epoch, source)
+      if offset:
+        ds = ds.skip(offset)
     # A running example counter keys the stateless augmentation seeds, so the
     # views are a function of (seed, host, position in the stream), whatever
     # the map parallelism.
