@@ -76,9 +76,9 @@ from supcon_tf import distribute  # pylint: disable=g-import-not-at-top
 from supcon_tf import enums  # pylint: disable=g-import-not-at-top
 from supcon_tf import losses  # pylint: disable=g-import-not-at-top
 from supcon_tf import models  # pylint: disable=g-import-not-at-top
-from supcon_tf.training import trainer as train  # pylint: disable=g-import-not-at-top
 from supcon_tf.data import datasets  # pylint: disable=g-import-not-at-top
 from supcon_tf.data import pipeline  # pylint: disable=g-import-not-at-top
+from supcon_tf.training import trainer as train  # pylint: disable=g-import-not-at-top
 
 
 def tiny_config(model_dir: str, batch: int, image_size: int, width=0.25,

@@ -32,13 +32,13 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import errors
 from supcon_tf import models
 from supcon_tf.data import augment
 from supcon_tf.data import datasets
 from supcon_tf.data import pipeline
+from supcon_tf.training import checkpoints
 
 SIGNATURE_KEY = 'serving_default'
 PREPROCESSED_SIGNATURE_KEY = 'logits_from_preprocessed'

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import distribute
 from supcon_tf import enums
 from supcon_tf import export
 from supcon_tf import losses
-from supcon_tf.training import trainer as train
+from supcon_tf import models
 from supcon_tf.data import datasets
 from supcon_tf.evaluation import classify
-from supcon_tf import models
+from supcon_tf.training import checkpoints
+from supcon_tf.training import trainer as train
 from tests import data_testing
 from tests.testing import ONE_DEVICE
 from tests.testing import tiny_config

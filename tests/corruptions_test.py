@@ -7,13 +7,13 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
-from supcon_tf.evaluation import corruptions
 from supcon_tf import enums
 from supcon_tf import models
 from supcon_tf.data import datasets
 from supcon_tf.data import pipeline
+from supcon_tf.evaluation import corruptions
+from supcon_tf.training import checkpoints
 from tests import analysis_testing
 from tests import data_testing
 from tests.testing import tiny_config

@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
-from supcon_tf.training import distill
 from supcon_tf import enums
 from supcon_tf import export
-from supcon_tf.training import extensions
-from supcon_tf.training import trainer as train
+from supcon_tf import models
 from supcon_tf.data import datasets
 from supcon_tf.data import mixing
 from supcon_tf.data import pipeline
-from supcon_tf import models
+from supcon_tf.training import checkpoints
+from supcon_tf.training import distill
+from supcon_tf.training import extensions
+from supcon_tf.training import trainer as train
 from tests.conftest import mirrored_strategy
 from tests.testing import run_mode as _mode
 from tests.testing import tiny_config

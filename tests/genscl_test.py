@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from supcon_tf.losses import genscl
 from supcon_tf import losses
+from supcon_tf.losses import genscl
 from tests import loss_oracle
 from tests.conftest import mirrored_strategy
 from tests.loss_oracle import numpy_genscl

@@ -9,10 +9,10 @@ import pytest
 import tensorflow as tf
 
 from supcon_tf import enums
-from supcon_tf.evaluation import runner as inference
-from supcon_tf.evaluation import knn
 from supcon_tf import models
+from supcon_tf.evaluation import knn
 from supcon_tf.evaluation import plots
+from supcon_tf.evaluation import runner as inference
 from tests import analysis_testing
 from tests.conftest import mirrored_strategy
 from tests.testing import tiny_config

@@ -22,13 +22,13 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config_lib
 
-from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import enums
 from supcon_tf import export
 from supcon_tf import losses
-from supcon_tf.training import trainer as train
 from supcon_tf.data import pipeline
+from supcon_tf.training import checkpoints
+from supcon_tf.training import trainer as train
 from tests.conftest import mirrored_strategy
 from tests.testing import ONE_DEVICE
 from tests.testing import free_ports

@@ -15,12 +15,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import enums
-from supcon_tf.training import trainer as train
-from supcon_tf.data import datasets
 from supcon_tf import models
+from supcon_tf.data import datasets
+from supcon_tf.training import checkpoints
+from supcon_tf.training import trainer as train
 from tests import data_testing
 from tests import testing
 from tests.conftest import mirrored_strategy

@@ -38,15 +38,15 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import tensorflow as tf
 
-from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import distribute
 from supcon_tf import enums
 from supcon_tf import errors
-from supcon_tf.evaluation import results as results_lib
-from supcon_tf.evaluation import runner
 from supcon_tf import models
 from supcon_tf.data import datasets
+from supcon_tf.evaluation import results as results_lib
+from supcon_tf.evaluation import runner
+from supcon_tf.training import checkpoints
 
 RESULTS_FILE = 'corruption_results.json'
 

@@ -26,13 +26,13 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import distribute
-from supcon_tf.evaluation import results as results_lib
-from supcon_tf.evaluation import runner
 from supcon_tf import models
 from supcon_tf.data import datasets
+from supcon_tf.evaluation import results as results_lib
+from supcon_tf.evaluation import runner
+from supcon_tf.training import checkpoints
 
 ArrayLike = Union[np.ndarray, tf.Tensor]
 

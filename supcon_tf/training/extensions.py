@@ -24,14 +24,14 @@ from typing import Dict, Optional
 import tensorflow as tf
 
 from supcon_tf import config as config_lib
-from supcon_tf.training import distill
 from supcon_tf import distribute
 from supcon_tf import enums
 from supcon_tf import losses
 from supcon_tf import models
-from supcon_tf.training import momentum
 from supcon_tf.data import datasets
 from supcon_tf.data import mixing
+from supcon_tf.training import distill
+from supcon_tf.training import momentum
 
 # Mixed into the seed of the mixing draws, so they are independent of the
 # other streams drawn from the same `DataConfig.seed`.

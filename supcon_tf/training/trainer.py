@@ -1,4 +1,4 @@
-"""Two-stage training, evaluation and the `--mode` handlers.
+"""Two-stage training: the trainer of one stage and its host loop.
 
 Stage 1 (`--mode=pretrain`) trains the encoder and projection head with the
 contrastive loss (SupCon, or SimCLR with `use_labels=False`; the cross-entropy
@@ -55,18 +55,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from supcon_tf.training import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import distribute
 from supcon_tf import errors
-from supcon_tf.training import extensions
-from supcon_tf.training import grad_cache
-from supcon_tf.training import step as step_lib
 from supcon_tf import models
 from supcon_tf import optim
 from supcon_tf.data import augment
 from supcon_tf.data import datasets
 from supcon_tf.data import pipeline
+from supcon_tf.training import checkpoints
+from supcon_tf.training import extensions
+from supcon_tf.training import grad_cache
+from supcon_tf.training import step as step_lib
 
 STAGE_DIRS = checkpoints.STAGE_DIRS
 
